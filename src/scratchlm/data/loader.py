@@ -1,0 +1,79 @@
+"""Batches of token windows for training and evaluation.
+
+Training draws windows at random offsets from memory-mapped shards with its own generator, whose state
+goes into each checkpoint: a resumed run draws exactly the batches an uninterrupted one would have.
+"""
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+import torch
+
+
+class RandomWindows:
+    """Endless (x, y) batches of `context` tokens, y being x shifted by one, at uniform random offsets."""
+
+    def __init__(self, shards: list[np.ndarray], context: int, batch: int, seed: int, device: torch.device | str = "cpu"):
+        self.shards = [s for s in shards if len(s) > context + 1]
+        if not self.shards:
+            raise ValueError(f"no shard holds more than context + 1 = {context + 1} tokens")
+        self.context, self.batch, self.device = context, batch, torch.device(device)
+        # Offsets are counted over all shards at once; a window never crosses two shards.
+        self.starts = np.cumsum([0] + [len(s) - context - 1 for s in self.shards])
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        picks = torch.randint(int(self.starts[-1]), (self.batch,), generator=self.generator).tolist()
+        rows = []
+        for p in picks:
+            i = bisect.bisect_right(self.starts, p) - 1
+            off = p - self.starts[i]
+            rows.append(np.asarray(self.shards[i][off:off + self.context + 1], dtype=np.int64))
+        data = torch.from_numpy(np.stack(rows))
+        if self.device.type == "cuda":
+            data = data.pin_memory().to(self.device, non_blocking=True)
+        else:
+            data = data.to(self.device)
+        return data[:, :-1], data[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def sequential_windows(tokens: np.ndarray, context: int, batch: int, max_tokens: int = 0):
+    """Every token after the first is a target exactly once: windows of context + 1 tokens with stride
+    `context`, the last one shorter. Yields (x, y) of shape (b, t); the last batches may be smaller."""
+    n = len(tokens) if not max_tokens else min(len(tokens), max_tokens + 1)
+    starts = list(range(0, n - 1, context))
+    for i in range(0, len(starts), batch):
+        group = starts[i:i + batch]
+        lengths = {min(context, n - 1 - s) for s in group}
+        for length in sorted(lengths, reverse=True):
+            rows = [np.asarray(tokens[s:s + length + 1], dtype=np.int64) for s in group if min(context, n - 1 - s) == length]
+            data = torch.from_numpy(np.stack(rows))
+            yield data[:, :-1], data[:, 1:]
+
+
+class SlidingWindowDataset(torch.utils.data.Dataset):
+    """A map-style dataset of (x, y) windows of `context` tokens every `stride` tokens, for use with a
+    `DataLoader`. Stride equal to the context gives disjoint windows; a smaller one, overlapping ones."""
+
+    def __init__(self, tokens, context: int, stride: int):
+        if stride < 1:
+            raise ValueError("stride must be at least 1")
+        self.tokens, self.context, self.stride = tokens, context, stride
+        self.n = max(0, (len(tokens) - context - 1) // stride + 1)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        s = i * self.stride
+        chunk = torch.as_tensor(np.asarray(self.tokens[s:s + self.context + 1], dtype=np.int64))
+        return chunk[:-1], chunk[1:]

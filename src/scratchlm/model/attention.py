@@ -1,0 +1,121 @@
+"""Causal self-attention with grouped key/value heads (MHA, GQA, MQA) and a KV cache.
+
+Two paths compute the same thing: PyTorch's fused `scaled_dot_product_attention` (flash attention on a
+GPU) and an explicit one that writes the softmax out, which is easier to read and can hand back the
+attention weights for plotting.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from scratchlm.model.layers import RMSNorm
+from scratchlm.model.positions import alibi_bias, apply_rope
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, for every layer. Sized by `n_kv_heads`, not by the
+    number of query heads: that is the memory GQA and MQA save."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values after the cached ones and return everything up to them."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache holds {self.capacity} positions; {end} asked for")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool = False, dropout: float = 0.0,
+                 qk_norm: bool = False, backend: str = "sdpa"):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_heads {n_heads} is not divisible by n_kv_heads {n_kv_heads}")
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.backend = backend
+        self.dropout = dropout
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.keep_weights = False  # set by the attention-map plot; only the explicit path can honour it
+        self.last_weights: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, *, rope: tuple | None = None,
+                alibi_slopes: torch.Tensor | None = None, cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+        k_positions = torch.arange(k.shape[2], device=x.device) + (positions[0] - (k.shape[2] - T))
+        bias = self._bias(positions, k_positions, alibi_slopes, x.dtype)
+        dropout = self.dropout if self.training else 0.0
+        if self.backend == "explicit" or self.keep_weights:
+            y = self._explicit(q, k, v, bias, dropout)
+        else:
+            causal_from_zero = bias is None and T > 1 and k.shape[2] == T
+            if bias is None and not causal_from_zero and T > 1:
+                bias = self._bias(positions, k_positions, None, x.dtype, force=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal_from_zero)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    @staticmethod
+    def _bias(q_pos, k_pos, slopes, dtype, force: bool = False) -> torch.Tensor | None:
+        """Additive (H or 1, Tq, Tk) float mask: ALiBi's distance bias where asked, -inf on the future."""
+        if slopes is None and not force:
+            return None
+        future = k_pos[None, :] > q_pos[:, None]
+        bias = alibi_bias(slopes.to(q_pos.device), q_pos, k_pos) if slopes is not None else torch.zeros(future.shape, device=q_pos.device)[None]
+        return bias.masked_fill(future[None], float("-inf")).to(dtype)
+
+    def _explicit(self, q, k, v, bias, dropout) -> torch.Tensor:
+        scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(self.head_dim)
+        Tq, Tk = scores.shape[-2:]
+        if bias is None:
+            future = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)
+            scores = scores.masked_fill(future, float("-inf"))
+        else:
+            scores = scores + bias.float()
+        weights = scores.softmax(dim=-1)
+        if self.keep_weights:
+            self.last_weights = weights.detach()
+        weights = F.dropout(weights, dropout, training=dropout > 0)
+        return weights.type_as(v) @ v

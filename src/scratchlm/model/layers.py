@@ -1,0 +1,72 @@
+"""Normalisation layers and feed-forward blocks.
+
+Each is a public module with stable parameter names (`weight`, `bias`, `up`, `gate`, `down`), so it can be
+used, tested and converted on its own.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight. Computed in float32 whatever the input dtype, because the mean of squares
+    overflows or loses precision in 16-bit formats."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def make_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = False) -> nn.Module:
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps)
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, eps=eps, bias=bias)
+    raise ValueError(f"unknown norm {kind!r}")
+
+
+_ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+
+
+class MLP(nn.Module):
+    """Two-layer feed-forward block: down(act(up(x))). GELU uses the tanh approximation, as GPT-2 did."""
+
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}")
+        self.act = _ACTIVATIONS[activation]
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(self.act(self.up(x))))
+
+
+class SwiGLU(nn.Module):
+    """Gated feed-forward block of Llama: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden, bias=bias)
+        self.up = nn.Linear(dim, hidden, bias=bias)
+        self.down = nn.Linear(hidden, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.down(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(kind: str, dim: int, hidden: int, bias: bool = False, dropout: float = 0.0) -> nn.Module:
+    if kind == "swiglu":
+        return SwiGLU(dim, hidden, bias, dropout)
+    return MLP(dim, hidden, kind, bias, dropout)

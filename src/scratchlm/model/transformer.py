@@ -1,0 +1,110 @@
+"""The decoder-only transformer: token embeddings, a stack of blocks, a final norm and the output head.
+
+It knows nothing of devices, precision or parallelism; the training code wraps it from outside.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scratchlm.config import ModelConfig
+from scratchlm.model.attention import CausalSelfAttention, KVCache
+from scratchlm.model.layers import make_mlp, make_norm
+from scratchlm.model.positions import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_angles
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each inside a residual connection. Pre-norm normalises the input of
+    each branch (stable at depth); post-norm normalises after the sum, as the 2017 transformer did."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=cfg.bias, dropout=cfg.dropout,
+                                        qk_norm=cfg.qk_norm, backend=cfg.attention)
+        self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
+        self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.ffn_hidden, cfg.bias, cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, **attn_kwargs) -> torch.Tensor:
+        if self.pre_norm:
+            x = x + self.resid_dropout(self.attn(self.attn_norm(x), positions, **attn_kwargs))
+            return x + self.mlp(self.mlp_norm(x))
+        x = self.attn_norm(x + self.resid_dropout(self.attn(x, positions, **attn_kwargs)))
+        return self.mlp_norm(x + self.mlp(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.position == "learned":
+            self.pos_emb = LearnedPositions(cfg.context, cfg.d_model)
+        elif cfg.position == "sinusoidal":
+            self.pos_emb = SinusoidalPositions(cfg.d_model)
+        else:
+            self.pos_emb = None
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        # Post-norm blocks already end in a norm; a final one is only needed for pre-norm.
+        self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.pre_norm else nn.Identity()
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for every matrix; the projections that write into the residual stream are
+        scaled down by 1/sqrt(2 * n_layers) so the stream's variance does not grow with depth (GPT-2)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("o_proj.weight", "down.weight")) else 1
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T). With a cache, `idx` continues the cached sequence."""
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if self.pos_emb is not None and isinstance(self.pos_emb, LearnedPositions) and start + T > self.config.context:
+            raise ValueError(f"learned positions stop at {self.config.context}; got position {start + T - 1}")
+        positions = torch.arange(start, start + T, device=idx.device)
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions).to(x.dtype)
+        x = self.dropout(x)
+        rope = rope_angles(positions, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, rope=rope, alibi_slopes=self.alibi_slopes, cache=cache, layer=i)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.final_norm(x))
+
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        cfg = self.config
+        p = self.tok_emb.weight
+        return KVCache(cfg.n_layers, batch, cfg.kv_heads, max_len or cfg.context, cfg.head_dim,
+                       device=p.device, dtype=dtype or p.dtype)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameters counted once even when tied; without embeddings means without the token and
+        position tables (the output head still counts when it is not tied)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel()
+            if isinstance(self.pos_emb, LearnedPositions):
+                n -= self.pos_emb.weight.numel()
+        return n

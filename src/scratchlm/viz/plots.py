@@ -1,0 +1,54 @@
+"""Training curves from run folders: loss (train and validation), learning rate and gradient norm, with
+several runs overlaid in one figure."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no screen needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from scratchlm.errors import UserError  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, evaluation rows) of a run's metrics.jsonl."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no metrics.jsonl; is it a run folder?")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
+    """Write a 2x2 figure (loss, val bits per byte, lr, grad norm) to `out` (PNG or SVG by suffix)."""
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    (ax_loss, ax_bpb), (ax_lr, ax_norm) = axes
+    for run_dir in run_dirs:
+        train, val = read_metrics(run_dir)
+        label = Path(run_dir).name
+        line, = ax_loss.plot([r[x] for r in train], [r["loss"] for r in train], lw=1, alpha=0.8, label=f"{label} train")
+        if val:
+            ax_loss.plot([r[x] for r in val], [r["val_loss"] for r in val], "o--", ms=3, color=line.get_color(),
+                         label=f"{label} val")
+            ax_bpb.plot([r[x] for r in val], [r["val_bpb"] for r in val], "o-", ms=3, color=line.get_color(), label=label)
+        ax_lr.plot([r[x] for r in train], [r["lr"] for r in train], color=line.get_color(), label=label)
+        ax_norm.plot([r[x] for r in train], [r.get("grad_norm", float("nan")) for r in train], lw=1,
+                     color=line.get_color(), label=label)
+    for ax, title in ((ax_loss, "loss (nats/token)"), (ax_bpb, "validation bits per byte"),
+                      (ax_lr, "learning rate"), (ax_norm, "gradient norm (before clipping)")):
+        ax.set_title(title)
+        ax.set_xlabel(x)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,115 @@
+"""Schedules, optimizer groups, evaluation arithmetic and sampling filters, against values worked by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scratchlm.config import TrainConfig, build_config
+from scratchlm.data.loader import RandomWindows, SlidingWindowDataset, sequential_windows
+from scratchlm.eval.metrics import evaluate
+from scratchlm.infer.generate import SamplingParams, generate, sample_next
+from scratchlm.model.transformer import Transformer
+from scratchlm.train.optim import build_optimizer, lr_at
+
+
+def test_schedules_by_hand():
+    c = TrainConfig(lr=1.0, min_lr_ratio=0.1, warmup_steps=10, schedule="cosine")
+    assert lr_at(0, 110, c) == pytest.approx(0.1)
+    assert lr_at(9, 110, c) == pytest.approx(1.0)
+    assert lr_at(60, 110, c) == pytest.approx(0.55)          # halfway down the cosine
+    assert lr_at(110, 110, c) == pytest.approx(0.1)
+    c.schedule = "linear"
+    assert lr_at(60, 110, c) == pytest.approx(0.55)
+    c.schedule, c.cooldown_steps = "wsd", 20
+    assert lr_at(80, 110, c) == pytest.approx(1.0)
+    assert lr_at(100, 110, c) == pytest.approx(1.0 - 0.9 * 10 / 20)
+    c.schedule = "constant"
+    assert lr_at(100, 110, c) == 1.0
+
+
+def test_weight_decay_only_on_matrices():
+    model = Transformer(build_config({"model": {"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2, "bias": True}}).model)
+    opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
+    assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+def test_sequential_windows_cover_every_target_once():
+    tokens = np.arange(23)
+    targets = [t for _, y in sequential_windows(tokens, 5, 2) for t in y.flatten().tolist()]
+    assert targets == list(range(1, 23))
+    for x, y in sequential_windows(tokens, 5, 3):
+        assert torch.equal(x + 1, y)
+
+
+def test_sliding_window_dataset_stride():
+    ds = SlidingWindowDataset(np.arange(20), context=4, stride=3)
+    assert len(ds) == 6
+    x, y = ds[1]
+    assert x.tolist() == [3, 4, 5, 6] and y.tolist() == [4, 5, 6, 7]
+
+
+def test_random_windows_resume_draws_the_same_batches():
+    shard = np.arange(1000, dtype=np.uint16)
+    a = RandomWindows([shard], 8, 4, seed=3)
+    a.next_batch()
+    state = a.state_dict()
+    expected = a.next_batch()
+    b = RandomWindows([shard], 8, 4, seed=99)
+    b.load_state_dict(state)
+    got = b.next_batch()
+    assert torch.equal(expected[0], got[0]) and torch.equal(got[0] + 1, got[1])
+
+
+class Uniform(torch.nn.Module):
+    """A model that knows nothing: equal logits for every token."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward(self, idx):
+        return torch.zeros(*idx.shape, self.vocab)
+
+
+def test_bits_per_byte_by_hand():
+    vocab = 16
+    tokens = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    token_bytes = torch.tensor([0] + [2] * 15)   # every ordinary token is two bytes
+    row = evaluate(Uniform(vocab), [tokens], token_bytes, context=4, batch=2)
+    # 10 targets, each costs log2(16) = 4 bits and decodes to 2 bytes: 40 bits / 20 bytes.
+    assert row["val_tokens"] == 10 and row["val_bytes"] == 20
+    assert row["val_loss"] == pytest.approx(math.log(16))
+    assert row["val_ppl"] == pytest.approx(16)
+    assert row["val_bpb"] == pytest.approx(2.0)
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    assert sample_next(logits, SamplingParams(temperature=0), None).item() == 1
+    g = torch.Generator().manual_seed(0)
+    picks = {sample_next(logits, SamplingParams(temperature=1.0, top_k=2), g).item() for _ in range(200)}
+    assert picks == {1, 2}
+    # softmax([1,3,2,0]) = [.087, .644, .237, .032]: top_p 0.7 keeps the two best (0.644 < 0.7).
+    picks = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.7), g).item() for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {sample_next(logits, SamplingParams(temperature=1.0, top_p=0.5), g).item() for _ in range(50)}
+    assert picks == {1}
+
+
+def test_generation_is_seeded_and_runs_past_the_context():
+    cfg = build_config({"model": {"vocab_size": 40, "context": 16, "d_model": 32, "n_layers": 1, "n_heads": 2,
+                                  "position": "learned"}}).model
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    params = SamplingParams(max_new_tokens=50, temperature=1.0, seed=7)
+    a, b = generate(model, [1, 2, 3], params), generate(model, [1, 2, 3], params)
+    assert a == b and len(a) == 50
+    greedy = generate(model, [1, 2, 3], SamplingParams(max_new_tokens=5, temperature=0))
+    ids = [1, 2, 3]
+    for _ in range(5):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert greedy == ids[3:]
