@@ -1,0 +1,239 @@
+"""Training a byte-level BPE vocabulary.
+
+Two phases. Counting: the input is cut into chunks of a few MB at places where the cut cannot change
+pre-tokenization, and worker processes count the pre-tokens of each chunk, so memory depends on the
+number of distinct pre-tokens, not on the file size. Merging: each distinct pre-token is a list of token
+ids with a count; pair counts are kept up to date incrementally, touching only the pre-tokens that
+contain the merged pair, and a heap with lazy invalidation finds the best pair.
+"""
+from __future__ import annotations
+
+import heapq
+import multiprocessing
+import os
+import sys
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+from tqdm import tqdm
+
+from scratchlm.errors import UserError
+from scratchlm.tokenizer.pretokenize import (
+    PRETOKEN_RE, check_special_tokens, find_cut_bytes, special_regex, split_specials,
+)
+from scratchlm.tokenizer.tokenizer import normalize_uncased
+
+_WINDOW = 1 << 16  # bytes read at a time while looking for a chunk boundary
+
+
+def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
+              special_tokens: Iterable[str] = (), *, uncased: bool = False, workers: int | None = None,
+              progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """Train byte-level BPE on UTF-8 text file(s); returns `(vocab, merges)`.
+
+    `vocab` maps ids to bytes: the special tokens first (in the order given), then the 256 single bytes
+    in byte order, then one token per merge, in merge order; `merges` lists the merged pairs in order.
+    Text is split on the special tokens (which take no part in merges), pre-tokenized with the GPT-2
+    pattern, and pairs are counted inside pre-tokens only. Several files are read as separate documents
+    (no pre-token spans two files). With `uncased`, text is passed through `normalize_uncased` first.
+
+    Tie rule: each step merges the most frequent pair; among equally frequent pairs the greatest
+    `(bytes_a, bytes_b)` tuple wins (Python's ordering of bytes). Training stops early if no pair is left.
+    `workers` defaults to all CPUs; `progress` shows tqdm bars on stderr for runs that take a while.
+    """
+    specials = check_special_tokens(special_tokens)
+    n_merges = vocab_size - len(specials) - 256
+    if n_merges < 0:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens")
+    counts = count_pretokens(input_path, specials, uncased=uncased, workers=workers, progress=progress)
+    words = [list(w.encode("utf-8")) for w in counts]
+    pair_ids = merge_loop(words, list(counts.values()), n_merges, progress=progress)
+
+    # Ids inside the merge loop: 0..255 bytes, 256+ merges; shift them behind the specials.
+    token = [bytes([b]) for b in range(256)]
+    merges = []
+    for a, b in pair_ids:
+        merges.append((token[a], token[b]))
+        token.append(token[a] + token[b])
+    vocab = {i: s.encode("utf-8") for i, s in enumerate(specials)}
+    vocab.update({len(specials) + i: t for i, t in enumerate(token)})
+    return vocab, merges
+
+
+# ----------------------------------------------------------------------------- counting
+def _paths(input_path) -> list[str]:
+    paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
+    if not paths:
+        raise UserError("no input files to train the tokenizer on")
+    for p in paths:
+        if not os.path.isfile(p):
+            raise UserError(f"input file not found: {p}")
+    return [os.fspath(p) for p in paths]
+
+
+def chunk_ranges(path: str, chunk_bytes: int, specials: Sequence[str] = ()) -> list[tuple[int, int]]:
+    """`(start, end)` byte ranges covering `path`, each about `chunk_bytes` long, cut only where
+    pre-tokenization of the pieces equals that of the whole (see `pretokenize.find_cut_bytes`)."""
+    size = os.path.getsize(path)
+    special_bytes = [s.encode("utf-8") for s in specials]
+    pad = max((len(s) for s in special_bytes), default=1)
+    bounds = [0]
+    with open(path, "rb") as f:
+        pos = chunk_bytes
+        while pos < size:
+            # Read a little on both sides of the window so the boundary checks can see their context.
+            start = max(bounds[-1], pos - pad)
+            f.seek(start)
+            buf = f.read(pos - start + _WINDOW + pad)
+            i = find_cut_bytes(buf, pos - start, pos - start + _WINDOW, special_bytes)
+            if i == -1:
+                pos += _WINDOW
+                continue
+            bounds.append(start + i)
+            pos = start + i + chunk_bytes
+    bounds.append(size)
+    return list(zip(bounds, bounds[1:]))
+
+
+def _count_ranges(task) -> tuple[int, Counter]:
+    """Pre-token counts of some byte ranges of files, read one range (a few MB) at a time."""
+    ranges, specials, uncased = task
+    special_re = special_regex(specials)
+    counts: Counter = Counter()
+    for path, start, end in ranges:
+        with open(path, "rb") as f:
+            f.seek(start)
+            data = f.read(end - start)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (bad byte at offset {start + e.start})") from None
+        del data
+        for part in split_specials(text, special_re)[::2]:  # odd positions hold the specials themselves
+            counts.update(PRETOKEN_RE.findall(normalize_uncased(part) if uncased else part))
+    return sum(end - start for _, start, end in ranges), counts
+
+
+def count_pretokens(input_path, special_tokens: Sequence[str] = (), *, uncased: bool = False,
+                    workers: int | None = None, progress: bool = True, chunk_bytes: int | None = None) -> Counter:
+    """How often each pre-token (a str) occurs in the file(s), counted in parallel over chunks."""
+    paths = _paths(input_path)
+    if not workers:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    total = sum(os.path.getsize(p) for p in paths)
+    if chunk_bytes is None:
+        chunk_bytes = min(max(total // (4 * workers), 1 << 18), 4 << 20)
+    ranges = [(p, a, b) for p in paths for a, b in chunk_ranges(p, chunk_bytes, special_tokens)]
+    # Several tasks per worker balance the load; grouping chunks into tasks keeps the number of Counters
+    # the main process must add up (the serial part) small on huge inputs.
+    group = max(chunk_bytes, total // (16 * workers))
+    tasks, current, size = [], [], 0
+    for r in ranges:
+        current.append(r)
+        size += r[2] - r[1]
+        if size >= group:
+            tasks.append((current, tuple(special_tokens), uncased))
+            current, size = [], 0
+    if current:
+        tasks.append((current, tuple(special_tokens), uncased))
+    counts: Counter = Counter()
+    pool = None
+    if workers > 1 and len(tasks) > 1:
+        # fork, where there is one: spawn and forkserver re-run the caller's main module in each worker,
+        # which breaks `python -` and notebooks and re-runs unguarded scripts. The workers only run regex
+        # and Counter code, so the usual risk of forking a threaded process (a lock held at fork) is small.
+        # The pool is made before the tqdm bar, whose monitor thread would make the fork warn.
+        methods = multiprocessing.get_all_start_methods()
+        pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(min(workers, len(tasks)))
+    try:
+        results = pool.imap_unordered(_count_ranges, tasks) if pool else map(_count_ranges, tasks)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="count pre-tokens", file=sys.stderr,
+                  disable=not progress, delay=2.0) as bar:
+            for n_bytes, c in results:
+                counts.update(c)
+                bar.update(n_bytes)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return counts
+
+
+# ----------------------------------------------------------------------------- merging
+def _inverted(b: bytes) -> tuple[int, ...]:
+    """A key that sorts bytes strings in reverse order, so a min-heap pops the greatest pair first.
+    The trailing 256 makes a prefix sort after its extensions, as `b"ab" < b"abc"` requires reversed."""
+    return (*(255 - x for x in b), 256)
+
+
+def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
+               progress: bool = True) -> list[tuple[int, int]]:
+    """Run up to `n_merges` merges over `words` (byte ids 0..255, modified in place) weighted by `freqs`;
+    returns the merged id pairs, merge k making id 256+k. Tie rule as in `train_bpe`."""
+    token = [bytes([b]) for b in range(256)]
+    inv = [_inverted(t) for t in token]
+    counts: dict[tuple[int, int], int] = defaultdict(int)
+    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that held it at some point
+    for wi, w in enumerate(words):
+        f = freqs[wi]
+        for p in zip(w, w[1:]):
+            counts[p] += f
+            where[p].add(wi)
+    # Heap entries (-count, key_a, key_b, a, b). An entry may be stale; the invariant is that every live
+    # pair has some entry whose count is >= its current count, so a popped entry that matches the
+    # current count is the true maximum. Counts that grow get a fresh entry; counts that shrink do not.
+    heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in counts.items()]
+    heapq.heapify(heap)
+    merges: list[tuple[int, int]] = []
+    bar = tqdm(total=n_merges, desc="merge", unit="merge", file=sys.stderr, disable=not progress, delay=2.0)
+    while len(merges) < n_merges and heap:
+        neg, _, _, a, b = heapq.heappop(heap)
+        cur = counts.get((a, b), 0)
+        if cur != -neg:
+            if 0 < cur < -neg:
+                heapq.heappush(heap, (-cur, inv[a], inv[b], a, b))
+            continue
+        new = 256 + len(merges)
+        merges.append((a, b))
+        token.append(token[a] + token[b])
+        inv.append(_inverted(token[new]))
+        delta: dict[tuple[int, int], int] = defaultdict(int)
+        for wi in where.pop((a, b)):
+            w = words[wi]
+            merged = _merge_word(w, a, b, new)
+            if merged is None:
+                continue  # the word lost this pair to an earlier merge
+            f = freqs[wi]
+            for p in zip(w, w[1:]):
+                delta[p] -= f
+            for p in zip(merged, merged[1:]):
+                delta[p] += f
+                if new in p:
+                    where[p].add(wi)
+            words[wi] = merged
+        for p, d in delta.items():
+            if d == 0:
+                continue
+            c = counts.get(p, 0) + d
+            if c > 0:
+                counts[p] = c
+                if d > 0:
+                    heapq.heappush(heap, (-c, inv[p[0]], inv[p[1]], p[0], p[1]))
+            else:
+                counts.pop(p, None)
+        bar.update()
+    bar.close()
+    return merges
+
+
+def _merge_word(w: list[int], a: int, b: int, new: int) -> list[int] | None:
+    """`w` with each non-overlapping (a, b), left to right, replaced by `new`; None if there is none."""
+    out: list[int] = []
+    i, n = 0, len(w)
+    while i < n:
+        if w[i] == a and i + 1 < n and w[i + 1] == b:
+            out.append(new)
+            i += 2
+        else:
+            out.append(w[i])
+            i += 1
+    return out if len(out) < n else None

@@ -1,0 +1,429 @@
+"""The byte-level BPE `Tokenizer`: encode and decode text with a vocabulary and ordered merges.
+
+Encoding splits out special tokens, pre-tokenizes the rest with the GPT-2 pattern and applies the
+merges inside each pre-token. Two encoders do this: `encode_reference`, a plain Python loop that
+applies merges by rank, and `encode`, which hands the same ranks to `tiktoken` (Rust) for speed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from scratchlm.errors import UserError
+from scratchlm.tokenizer.pretokenize import (
+    GPT2_SPLIT_PATTERN, PRETOKEN_RE, check_special_tokens, find_cut, special_regex, split_specials,
+)
+
+FORMAT = "scratchlm-bpe"
+FILENAME = "tokenizer.json"
+
+# Typographic quotes become the ASCII ones so that `don’t` and `don't` share tokens.
+_QUOTES = str.maketrans({
+    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u2035": "'",
+    "`": "'", "\u00b4": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
+    "\u2033": '"', "\u2036": '"', "\u00ab": '"', "\u00bb": '"', "\u2039": "'", "\u203a": "'",
+})
+
+
+class _KeepTable(dict):
+    """`str.translate` table that keeps letters, digits, punctuation and white space, deleting the rest;
+    filled lazily so each distinct character pays for one `unicodedata` lookup."""
+
+    def __missing__(self, code: int):
+        ch = chr(code)
+        keep = unicodedata.category(ch)[0] in "LNP" or ch.isspace()
+        self[code] = code if keep else None
+        return self[code]
+
+
+_KEEP = _KeepTable()
+
+
+def normalize_uncased(text: str) -> str:
+    """Lowercase, straighten curly quotes and drop what is not a letter, digit, punctuation or space.
+
+    NFC first, so that a letter written with a combining accent keeps its accent instead of losing it.
+    """
+    return unicodedata.normalize("NFC", text.translate(_QUOTES)).lower().translate(_KEEP)
+
+
+class Tokenizer:
+    """Byte-level BPE tokenizer.
+
+    `vocab` maps ids 0..n-1 to bytes; `merges` is the ordered list of merged pairs. `special_tokens` is a
+    list of strings (found in `vocab` by their UTF-8 bytes, appended if absent), a dict str -> id, or
+    None: then the vocab entries of several bytes that no merge makes are the special tokens.
+    Special tokens in the text are always encoded as their ids; where two overlap, the longest wins.
+    """
+
+    def __init__(self, vocab: Mapping[int, bytes], merges: Iterable[tuple[bytes, bytes]],
+                 special_tokens: Iterable[str] | Mapping[str, int] | None = None, uncased: bool = False):
+        if sorted(vocab) != list(range(len(vocab))):
+            raise ValueError("vocab ids must be exactly 0..len(vocab)-1")
+        self._vocab = [bytes(vocab[i]) for i in range(len(vocab))]
+        self._merges = [(bytes(a), bytes(b)) for a, b in merges]
+        self.uncased = bool(uncased)
+        self._specials = self._place_specials(special_tokens)
+        special_ids = set(self._specials.values())
+        self._encoder: dict[bytes, int] = {}
+        for i, b in enumerate(self._vocab):
+            if i not in special_ids:
+                self._encoder.setdefault(b, i)
+        missing = [x for x in range(256) if bytes([x]) not in self._encoder]
+        if missing:
+            raise ValueError(f"vocab lacks {len(missing)} of the 256 single bytes (first: {missing[0]})")
+        self._ranks: dict[tuple[bytes, bytes], int] = {}
+        for r, (a, b) in enumerate(self._merges):
+            if a not in self._encoder or b not in self._encoder or a + b not in self._encoder:
+                raise ValueError(f"merge {r} ({a!r}, {b!r}) uses or makes a token missing from vocab")
+            self._ranks.setdefault((a, b), r)
+        self._special_re = special_regex(self._specials)
+        self._cache: dict[str, list[int]] = {}
+        self._tt = None
+
+    def _place_specials(self, special_tokens) -> dict[str, int]:
+        if special_tokens is None:
+            # Entries of several bytes that no merge makes can only be special tokens (as in train_bpe's
+            # output and GPT-2's files), so `Tokenizer(vocab, merges)` finds them by itself.
+            merged = {a + b for a, b in self._merges}
+            special_tokens = {}
+            for i, b in enumerate(self._vocab):
+                if len(b) > 1 and b not in merged:
+                    try:
+                        special_tokens.setdefault(b.decode("utf-8"), i)
+                    except UnicodeDecodeError:
+                        pass
+        if isinstance(special_tokens, Mapping):
+            for s, i in special_tokens.items():
+                if not 0 <= i < len(self._vocab) or self._vocab[i] != s.encode("utf-8"):
+                    raise ValueError(f"special token {s!r} is not vocab entry {i}")
+            return dict(special_tokens)
+        merged = {a + b for a, b in self._merges}
+        by_bytes: dict[bytes, list[int]] = {}
+        for i, b in enumerate(self._vocab):
+            by_bytes.setdefault(b, []).append(i)
+        out = {}
+        for s in check_special_tokens(special_tokens or ()):
+            sb = s.encode("utf-8")
+            ids = by_bytes.get(sb, [])
+            # A special whose bytes are also an ordinary token (a single byte or a merge result) needs an
+            # entry of its own; trained vocabs list specials first, so the lowest id is the special one.
+            if len(ids) > (1 if (len(sb) == 1 or sb in merged) else 0):
+                out[s] = ids[0]
+            else:
+                out[s] = len(self._vocab)
+                self._vocab.append(sb)
+        return out
+
+    # ----------------------------------------------------------------- encoding
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (fast path; identical to `encode_reference`)."""
+        return self._encode(text, fast=True)
+
+    def encode_reference(self, text: str) -> list[int]:
+        """Token ids of `text` computed in plain Python: slow, but easy to read and check."""
+        return self._encode(text, fast=False)
+
+    def _encode(self, text: str, fast: bool) -> list[int]:
+        plain = self._tiktoken().encode_ordinary if fast and self._tiktoken() else self._encode_plain
+        out: list[int] = []
+        for k, part in enumerate(split_specials(text, self._special_re)):
+            if k % 2:
+                out.append(self._specials[part])
+            elif part:
+                out.extend(plain(normalize_uncased(part) if self.uncased else part))
+        return out
+
+    def _encode_plain(self, text: str) -> list[int]:
+        out: list[int] = []
+        cache = self._cache
+        if len(cache) > 200_000:
+            cache.clear()
+        for piece in PRETOKEN_RE.findall(text):
+            ids = cache.get(piece)
+            if ids is None:
+                try:
+                    data = piece.encode("utf-8")
+                except UnicodeEncodeError:
+                    # Lone surrogates cannot be encoded; like tiktoken, read them as U+FFFD.
+                    return self._encode_plain(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace"))
+                ids = cache[piece] = self._bpe(data)
+            out.extend(ids)
+        return out
+
+    def _bpe(self, data: bytes) -> list[int]:
+        """Apply merges to one pre-token: repeatedly merge every occurrence of the lowest-ranked pair."""
+        parts = [data[i:i + 1] for i in range(len(data))]
+        while len(parts) > 1:
+            rank = min(self._ranks.get(pair, len(self._ranks)) for pair in zip(parts, parts[1:]))
+            if rank == len(self._ranks):
+                break
+            a, b = self._merges[rank]
+            merged, i = [], 0
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    merged.append(a + b)
+                    i += 2
+                else:
+                    merged.append(parts[i])
+                    i += 1
+            parts = merged
+        return [self._encoder[p] for p in parts]
+
+    def _tiktoken(self):
+        """A `tiktoken.Encoding` over our ranks, or None when it could encode differently from `_bpe`."""
+        if self._tt is None:
+            self._tt = False
+            if self._tiktoken_equivalent():
+                import tiktoken
+
+                self._tt = tiktoken.Encoding(
+                    "scratchlm", pat_str=GPT2_SPLIT_PATTERN, mergeable_ranks=dict(self._encoder),
+                    special_tokens=dict(self._specials))
+        return self._tt or None
+
+    def _tiktoken_equivalent(self) -> bool:
+        """Whether tiktoken's rule gives the same tokens as merging by rank (`_bpe`).
+
+        tiktoken repeatedly merges the adjacent pair whose concatenation is the token with the lowest id.
+        That matches `_bpe` when (1) each multi-byte token is made by exactly one merge, (2) ids grow with
+        merge order, after the ids of the merged parts, and (3) every token is reachable: `_bpe` of its own
+        bytes gives back just that token. Then two adjacent tokens that concatenate to a token are always
+        that token's merge, so both rules pick the same pair. Trained vocabularies satisfy all three.
+        """
+        results = [a + b for a, b in self._merges]
+        ids = [self._encoder[r] for r in results]
+        return (len(self._encoder) == len(self._vocab) - len(self._specials)
+                and len(set(results)) == len(results) == sum(len(b) > 1 for b in self._encoder)
+                and all(x < y for x, y in zip(ids, ids[1:]))
+                and all(self._encoder[a] < i and self._encoder[b] < i for (a, b), i in zip(self._merges, ids))
+                and self._all_reachable())
+
+    def _all_reachable(self) -> bool:
+        """Condition (3) without running `_bpe` on every token (which takes seconds on 50k tokens).
+
+        `_bpe` on the bytes of t = a + b (merge r) runs as on a and on b side by side, unless some merge
+        before r joins the last token of a's run to the first token of b's run. So it suffices to keep,
+        per token, the history of its run's right and left edges as (merge index, token id) steps, and
+        to look for such a crossing merge while both histories are current. Checked against brute force
+        in the tests.
+        """
+        enc = self._encoder
+        pairs = [(enc[a], enc[b]) for a, b in self._merges]
+        rank = {p: r for r, p in enumerate(pairs)}
+        inf = len(pairs)
+        # Histories are linked lists, newest step first: (merge index, token id, older steps or None).
+        left = {enc[bytes([x])]: (-1, enc[bytes([x])], None) for x in range(256)}
+        right = dict(left)
+        for r, (a, b) in enumerate(pairs):
+            cx, cy, nx, ny = right[a], left[b], inf, inf
+            while cx and cy:  # walk back through every (x, y) that face each other at some time
+                (tx, x, older_x), (ty, y, older_y) = cx, cy
+                q = rank.get((x, y), inf)
+                # Merge q crosses if x and y are both there when it runs; if x itself is merged at q, that
+                # happens first (merges go left to right), while y merged at q loses to the crossing.
+                if q < r and tx < q < nx and ty < q <= ny:
+                    return False
+                if tx >= ty:
+                    cx, nx = older_x, tx
+                if ty >= tx:
+                    cy, ny = older_y, ty
+            made = enc[self._merges[r][0] + self._merges[r][1]]
+            right[made] = (r, made, right[b])
+            left[made] = (r, made, left[a])
+        return True
+
+    def encode_iterable(self, iterable: Iterable[str], buffer_chars: int = 1 << 16) -> Iterator[int]:
+        """Lazily encode a stream of strings (e.g. an open file) as if it were one text.
+
+        Text is buffered until at least `buffer_chars` are pending, then encoded up to the last place where
+        a cut cannot change the result (see `pretokenize.find_cut`); memory stays bounded unless the input
+        has no such place, like one giant word.
+        """
+        for ids in self._encode_stream(iterable, buffer_chars):
+            yield from ids
+
+    def _encode_stream(self, iterable: Iterable[str], buffer_chars: int) -> Iterator[list[int]]:
+        pending: list[str] = []
+        size, target = 0, buffer_chars
+        for piece in iterable:
+            pending.append(piece)
+            size += len(piece)
+            if size < target:
+                continue
+            buf = "".join(pending)
+            cut = find_cut(buf, self._specials)
+            if cut == 0:
+                pending, target = [buf], 2 * size  # doubling keeps re-scans of a cut-less buffer linear
+                continue
+            yield self.encode(buf[:cut])
+            pending, size = [buf[cut:]], len(buf) - cut
+            target = size + buffer_chars
+        if pending:
+            yield self.encode("".join(pending))
+
+    def encode_batch(self, texts: Iterable[str], num_threads: int = 8) -> list[list[int]]:
+        """Encode several texts; in threads on the fast path, where tiktoken releases the GIL."""
+        texts = list(texts)
+        if self._tiktoken() is None or len(texts) < 2 or num_threads <= 1:
+            return [self.encode(t) for t in texts]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(num_threads) as pool:
+            return list(pool.map(self.encode, texts))
+
+    def encode_file(self, path: str | os.PathLike, dtype=None) -> np.ndarray:
+        """All token ids of a UTF-8 text file as a numpy array (uint16 when the vocab fits, else uint32)."""
+        if dtype is None:
+            dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+
+        def pieces():
+            with open(path, encoding="utf-8", errors="replace", newline="") as f:
+                while piece := f.read(1 << 20):
+                    yield piece
+
+        arrays = [np.asarray(ids, dtype=dtype) for ids in self._encode_stream(pieces(), 1 << 20)]
+        return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+
+    # ----------------------------------------------------------------- decoding
+    def decode_bytes(self, ids: Iterable[int], errors: str = "strict") -> bytes:
+        """The bytes that `ids` stand for. An id outside the vocabulary raises ValueError, or with
+        `errors="replace"` stands for U+FFFD (a model whose output layer is padded can sample one)."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids if isinstance(ids, list) else list(ids)
+        vocab, n = self._vocab, len(self._vocab)
+        try:
+            return b"".join([vocab[i] if i >= 0 else vocab[n] for i in ids])
+        except (IndexError, TypeError):
+            if errors == "replace":
+                bad = "\ufffd".encode()
+                return b"".join([vocab[i] if isinstance(i, int) and 0 <= i < n else bad for i in ids])
+            bad = next(i for i in ids if not isinstance(i, int) or not 0 <= i < n)
+            raise ValueError(f"token id {bad!r} is not in this vocabulary of {n}") from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; never raises: bytes that are not valid UTF-8, and ids outside the vocabulary,
+        become U+FFFD."""
+        return self.decode_bytes(ids, errors="replace").decode("utf-8", errors="replace")
+
+    # ----------------------------------------------------------------- inspection
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def __len__(self) -> int:
+        return len(self._vocab)
+
+    @property
+    def vocab(self) -> dict[int, bytes]:
+        return dict(enumerate(self._vocab))
+
+    @property
+    def merges(self) -> list[tuple[bytes, bytes]]:
+        return list(self._merges)
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        return dict(self._specials)
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a special token or of the ordinary token with these UTF-8 bytes (KeyError if none)."""
+        if token in self._specials:
+            return self._specials[token]
+        try:
+            return self._encoder[token.encode("utf-8")]
+        except KeyError:
+            raise KeyError(f"{token!r} is not a token of this vocabulary") from None
+
+    def id_to_bytes(self, i: int) -> bytes:
+        if not 0 <= i < len(self._vocab):
+            raise ValueError(f"token id {i} is not in this vocabulary of {len(self._vocab)}")
+        return self._vocab[i]
+
+    def token_byte_lengths(self) -> list[int]:
+        """UTF-8 length of each token, 0 for special tokens (they stand for no text): for bits per byte."""
+        lengths = [len(b) for b in self._vocab]
+        for i in self._specials.values():
+            lengths[i] = 0
+        return lengths
+
+    bos_id = property(lambda self: self._specials.get("<bos>"), doc="id of `<bos>`, or None")
+    eos_id = property(lambda self: self._specials.get("<eos>"), doc="id of `<eos>`, or None")
+    pad_id = property(lambda self: self._specials.get("<pad>"), doc="id of `<pad>`, or None")
+    unk_id = property(lambda self: self._specials.get("<unk>"), doc="id of `<unk>`, or None")
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
+                f"special_tokens={list(self._specials)}, uncased={self.uncased})")
+
+    def __getstate__(self):
+        # The tiktoken object and the cache are rebuilt on demand, which keeps pickles small and portable.
+        return {k: v for k, v in self.__dict__.items() if k not in ("_tt", "_cache")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _tt=None, _cache={})
+
+    # ----------------------------------------------------------------- files
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` (token bytes in hex) and a readable `vocab.txt` into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "format": FORMAT, "version": 1, "pattern": GPT2_SPLIT_PATTERN, "uncased": self.uncased,
+            "special_tokens": self._specials,
+            "vocab": [b.hex() for b in self._vocab],
+            "merges": [f"{a.hex()} {b.hex()}" for a, b in self._merges],
+        }
+        _write_atomic(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
+        specials = set(self._specials.values())
+        lines = [f"{i}\t{'special' if i in specials else len(b)}\t{b.decode('utf-8', 'backslashreplace')!r}"
+                 for i, b in enumerate(self._vocab)]
+        _write_atomic(directory / "vocab.txt", "id\tbytes\ttoken\n" + "\n".join(lines) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> Tokenizer:
+        """Read a tokenizer written by `save` (a folder, or its `tokenizer.json`)."""
+        path = Path(directory)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise UserError(f"no tokenizer at {directory} (expected a folder with {FILENAME}); train one first")
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            if doc.get("format") != FORMAT:
+                raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
+            if doc.get("pattern", GPT2_SPLIT_PATTERN) != GPT2_SPLIT_PATTERN:
+                raise ValueError("it uses a pre-tokenization pattern other than GPT-2's")
+            vocab = {i: bytes.fromhex(h) for i, h in enumerate(doc["vocab"])}
+            merges = [tuple(bytes.fromhex(h) for h in m.split(" ")) for m in doc["merges"]]
+            if any(len(m) != 2 for m in merges):
+                raise ValueError("a merge is not a pair")
+            return cls(vocab, merges, dict(doc["special_tokens"]), uncased=bool(doc.get("uncased", False)))
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise UserError(f"malformed tokenizer file {path}: {e}") from None
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> Tokenizer:
+        """Load GPT-2's `encoder.json`/`vocab.json` and `vocab.bpe`/`merges.txt`; encodes as tiktoken's gpt2."""
+        from scratchlm.tokenizer.gpt2 import read_gpt2_files
+
+        vocab, merges, specials = read_gpt2_files(vocab_path, merges_path)
+        return cls(vocab, merges, specials)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
