@@ -384,11 +384,6 @@ def test_load_records_rejects_plain_text_sets():
 # --- real downloads -------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def shared_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("scratchlm-cache")
-
-
 @pytest.mark.slow
 def test_real_shakespeare(shared_cache, monkeypatch):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(shared_cache))

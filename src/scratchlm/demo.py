@@ -23,10 +23,11 @@ def _say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool = True) -> dict:
+def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool = True,
+             overrides: list[str] = ()) -> dict:
     device = pick_device("auto")
     recipe = recipe_path("shakespeare-gpu.toml" if device.type == "cuda" else "shakespeare-cpu.toml")
-    cfg = load_config(recipe, [f"train.minutes={minutes}"])
+    cfg = load_config(recipe, [f"train.minutes={minutes}", *overrides])
     out = Path(out) if out else Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"scratchlm demo on {device.type} ({torch.get_num_threads()} threads), recipe {recipe.name}, "
           f"{minutes:g} minutes of training, run folder {out}")
@@ -58,5 +59,5 @@ def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool
     print("\nGo on with:")
     print(f"  scratchlm generate --checkpoint {out} --prompt 'JULIET.\\n' --max-new-tokens 300")
     print(f"  scratchlm eval --checkpoint {out}")
-    print(f"  scratchlm pretrain --config {recipe} --out {out} --resume --set train.minutes={2 * minutes:g}")
+    print(f"  scratchlm plot {out} --out {out}/curves.png")
     return result

@@ -33,18 +33,13 @@ def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _read_chunks(paths: list[Path], bar: tqdm):
-    """Text in pieces of about a megabyte, each ending at a newline so no word is cut in two."""
+def _read_pieces(paths: list[Path], bar: tqdm):
+    """The files' text as one stream, a megabyte at a time (the tokenizer decides where it may cut)."""
     for path in paths:
         with open(path, "r", encoding="utf-8", errors="replace", newline="") as f:
-            while True:
-                chunk = f.read(READ_CHUNK)
-                if not chunk:
-                    break
-                tail = f.readline()
-                chunk += tail
-                bar.update(len(chunk.encode("utf-8")))
-                yield chunk
+            while piece := f.read(READ_CHUNK):
+                bar.update(len(piece.encode("utf-8")))
+                yield piece
 
 
 def encode_split(tokenizer, paths: list[Path], out_dir: Path, split: str, progress: bool = True) -> dict:
@@ -64,8 +59,8 @@ def encode_split(tokenizer, paths: list[Path], out_dir: Path, split: str, progre
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"encode {split}", disable=not progress) as bar:
         handle = open_shard(0)
-        for chunk in _read_chunks(paths, bar):
-            ids = np.asarray(tokenizer.encode(chunk), dtype=dtype)
+        for ids in tokenizer.encode_chunks(_read_pieces(paths, bar)):
+            ids = np.asarray(ids, dtype=dtype)
             while len(ids):
                 room = SHARD_TOKENS - shard_fill
                 handle.write(ids[:room].tobytes())

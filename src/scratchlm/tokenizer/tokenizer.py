@@ -245,10 +245,11 @@ class Tokenizer:
         a cut cannot change the result (see `pretokenize.find_cut`); memory stays bounded unless the input
         has no such place, like one giant word.
         """
-        for ids in self._encode_stream(iterable, buffer_chars):
+        for ids in self.encode_chunks(iterable, buffer_chars):
             yield from ids
 
-    def _encode_stream(self, iterable: Iterable[str], buffer_chars: int) -> Iterator[list[int]]:
+    def encode_chunks(self, iterable: Iterable[str], buffer_chars: int = 1 << 20) -> Iterator[list[int]]:
+        """Like `encode_iterable`, but yields the ids in lists, one per encoded stretch of text."""
         pending: list[str] = []
         size, target = 0, buffer_chars
         for piece in iterable:
@@ -287,7 +288,7 @@ class Tokenizer:
                 while piece := f.read(1 << 20):
                     yield piece
 
-        arrays = [np.asarray(ids, dtype=dtype) for ids in self._encode_stream(pieces(), 1 << 20)]
+        arrays = [np.asarray(ids, dtype=dtype) for ids in self.encode_chunks(pieces(), 1 << 20)]
         return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
 
     # ----------------------------------------------------------------- decoding
