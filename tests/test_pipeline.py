@@ -43,7 +43,8 @@ def rows(run):
 
 def test_run_folder_has_everything_and_loads(play_text, tmp_path):
     run = tmp_path / "run"
-    result = pretrain(small_config(play_text, "train.max_steps=12", "train.checkpoint_every=6"), run, progress=False)
+    result = pretrain(small_config(play_text, "train.max_steps=12", "train.checkpoint_every=6", "train.keep_best=false"),
+                      run, progress=False)
 
     assert (run / "config.toml").is_file() and (run / "loss.png").stat().st_size > 1000
     assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000006", "step_00000012"]
@@ -82,8 +83,10 @@ def test_run_folder_has_everything_and_loads(play_text, tmp_path):
     assert result["val_bytes"] == nbytes
 
 
-def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_path):
-    config = ["train.max_steps=10", "train.checkpoint_every=4", "train.keep_checkpoints=5"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_path, optimizer):
+    config = ["train.max_steps=10", "train.checkpoint_every=4", "train.keep_checkpoints=5",
+              f"train.optimizer={optimizer}"]
     straight = tmp_path / "straight"
     pretrain(small_config(play_text, *config), straight, progress=False)
 
@@ -98,7 +101,7 @@ def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_
     pretrain(small_config(play_text, *config, "train.resume=auto"), killed, progress=False)
 
     def untimed(run):
-        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds")} for r in rows(run)]
+        return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds", "mfu")} for r in rows(run)]
 
     assert untimed(killed) == untimed(straight)
     a = load_file(ckpt.list_checkpoints(straight)[-1] / "model.safetensors")
@@ -110,7 +113,7 @@ def test_time_budget_sizes_the_schedule(play_text, tmp_path):
     run = tmp_path / "run"
     result = pretrain(small_config(play_text, "train.minutes=0.05", "train.eval_every=0"), run, progress=False)
     seconds = [r["seconds"] for r in rows(run) if "seconds" in r]
-    assert result["step"] > 20 and 0.05 * 60 * 0.5 < seconds[-1] < 0.05 * 60 * 1.1
+    assert result["step"] > 20 and 0.05 * 60 * 0.5 < seconds[-1] < 0.05 * 60 * 1.5
     lrs = [r["lr"] for r in rows(run) if "lr" in r]
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine reached its floor: the schedule ended with the budget
 

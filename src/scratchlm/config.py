@@ -106,7 +106,10 @@ class TrainConfig:
     batch_tokens: int = 0            # tokens per optimizer step; 0: one micro-batch. Sets gradient accumulation.
     max_steps: int = 0               # 0: until the time budget runs out
     minutes: float = 0.0             # wall-clock budget for training steps; 0: none
+    optimizer: str = "adamw"         # adamw | muon (Muon for hidden matrices, AdamW for the rest)
     lr: float = 3e-3
+    muon_lr_scale: float = 10.0      # Muon's lr as a multiple of train.lr
+    muon_momentum: float = 0.95
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"         # cosine | wsd | linear | constant
     warmup_steps: int = 50
@@ -121,6 +124,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     compile: bool = False
+    activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% more time
+    parallel: str = "ddp"            # under torchrun: ddp (replicated weights) | fsdp (FSDP2, sharded weights)
+    keep_best: bool = True           # also keep the checkpoint with the best validation loss
     resume: str = "no"               # no | auto (continue the run in the output folder when there is one)
     threads: int = 0                 # CPU threads for PyTorch; 0: all cores
 

@@ -14,17 +14,22 @@ import torch
 class RandomWindows:
     """Endless (x, y) batches of `context` tokens, y being x shifted by one, at uniform random offsets."""
 
-    def __init__(self, shards: list[np.ndarray], context: int, batch: int, seed: int, device: torch.device | str = "cpu"):
+    def __init__(self, shards: list[np.ndarray], context: int, batch: int, seed: int, device: torch.device | str = "cpu",
+                 rank: int = 0, world: int = 1):
         self.shards = [s for s in shards if len(s) > context + 1]
         if not self.shards:
             raise ValueError(f"no shard holds more than context + 1 = {context + 1} tokens")
         self.context, self.batch, self.device = context, batch, torch.device(device)
+        # Every process draws the whole global batch from the same generator and keeps its own slice:
+        # the data seen does not depend on how many processes share it, and neither does a checkpoint.
+        self.rank, self.world = rank, world
         # Offsets are counted over all shards at once; a window never crosses two shards.
         self.starts = np.cumsum([0] + [len(s) - context - 1 for s in self.shards])
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(int(self.starts[-1]), (self.batch,), generator=self.generator).tolist()
+        picks = torch.randint(int(self.starts[-1]), (self.batch * self.world,), generator=self.generator)
+        picks = picks[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
         rows = []
         for p in picks:
             i = bisect.bisect_right(self.starts, p) - 1

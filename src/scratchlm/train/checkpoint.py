@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from scratchlm.errors import UserError
 
@@ -78,41 +78,47 @@ def _tuplify(x):
     return tuple(_tuplify(v) for v in x) if isinstance(x, list) else x
 
 
-def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into flat tensors (for safetensors) and the rest (for JSON)."""
-    sd = optimizer.state_dict()
+def _optimizer_tensors(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict keyed by parameter name into flat tensors (for safetensors) and the
+    rest (for JSON)."""
     tensors, scalars = {}, {}
-    for idx, slots in sd["state"].items():
-        for name, value in slots.items():
+    for name, slots in sd["state"].items():
+        for slot, value in slots.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous().cpu()
+                tensors[f"{name}/{slot}"] = value.detach().contiguous().cpu()
             else:
-                scalars[f"{idx}.{name}"] = value
+                scalars[f"{name}/{slot}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def _unshared(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses two names for one tensor (a tied output head): keep the first name."""
+    seen, out = set(), {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.detach().contiguous().cpu()
+    return out
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                    state: dict, keep: int = 2) -> Path:
+def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] | torch.nn.Module,
+                    optimizer_state: dict | None, state: dict, keep: int = 2, protect: int | None = None) -> Path:
+    """Write checkpoints/step_N atomically and prune all but the last `keep` (and the `protect` step).
+
+    `weights` is a module or its (full) state dict; `optimizer_state` is keyed by parameter name, as
+    `train.distributed.full_optimizer_state` gives it."""
+    if isinstance(weights, torch.nn.Module):
+        weights = weights.state_dict()
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:08d}"
     tmp = ckpt_root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        tensors, meta = _optimizer_tensors(optimizer)
+    save_file(_unshared(weights), str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        tensors, meta = _optimizer_tensors(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = {**state, "optimizer": meta}
     (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
@@ -124,8 +130,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer:
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(ckpt_root)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    kept = list_checkpoints(run_dir)
+    for old in kept[:-keep] if keep > 0 else []:
+        if protect is None or old.name != f"step_{protect:08d}":
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -151,17 +159,29 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    missing, unexpected = load_model(model, str(Path(ckpt_dir) / "model.safetensors"), strict=False)
-    # A tied output head is stored once, under the embedding's name.
+    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # A tied output head may be stored once, under the embedding's name.
     missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:
         raise UserError(f"{ckpt_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def load_training_state(ckpt_dir: Path, optimizer: torch.optim.Optimizer | None) -> dict:
+def load_training_state(ckpt_dir: Path) -> dict:
+    """The checkpoint's state.json, with every RNG put back as it was."""
     state = json.loads((Path(ckpt_dir) / "state.json").read_text())
-    if optimizer is not None and "optimizer" in state:
-        tensors = load_file(str(Path(ckpt_dir) / "optimizer.safetensors"))
-        _restore_optimizer(optimizer, tensors, state["optimizer"])
     set_rng_state(state["rng"])
     return state
+
+
+def read_optimizer_state(ckpt_dir: Path, state: dict) -> dict | None:
+    """The optimizer state dict (keyed by parameter name) saved with the checkpoint, if any."""
+    if "optimizer" not in state:
+        return None
+    meta = state["optimizer"]
+    slots: dict[str, dict] = {}
+    items = list(load_file(str(Path(ckpt_dir) / "optimizer.safetensors")).items()) + list(meta["scalars"].items())
+    for key, value in items:
+        name, slot = key.rsplit("/", 1)
+        slots.setdefault(name, {})[slot] = value
+    return {"state": slots, "param_groups": meta["param_groups"]}
