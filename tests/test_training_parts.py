@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from scratchlm.config import TrainConfig, build_config
 from scratchlm.data.loader import RandomWindows, SlidingWindowDataset, sequential_windows
@@ -146,3 +147,44 @@ def test_muon_step_matches_pytorch_muon():
     moved = (torch_w - w).abs().max()
     # PyTorch iterates in bfloat16 (8 bits of mantissa), ours in float32: equal to bfloat16's precision
     assert (ours_w - torch_w).abs().max() < 0.03 * moved
+
+
+def test_reference_cross_entropy_and_clipping_match_pytorch():
+    from scratchlm.train import reference
+
+    torch.manual_seed(0)
+    logits = torch.randn(50, 11) * 30  # large enough that a naive exp() would overflow in float16
+    targets = torch.randint(0, 11, (50,))
+    targets[::7] = -100
+    assert torch.allclose(reference.cross_entropy(logits, targets), F.cross_entropy(logits, targets), atol=1e-5)
+
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * 4
+        q.grad = p.grad.clone()
+    for max_norm in (1.0, 1e9):
+        ours, theirs = reference.clip_grad_norm(a, max_norm), torch.nn.utils.clip_grad_norm_(b, max_norm)
+        assert torch.allclose(ours, theirs, rtol=1e-5)
+        assert all(torch.allclose(p.grad, q.grad, rtol=1e-5) for p, q in zip(a, b))
+
+
+def test_reference_adamw_matches_pytorch():
+    from scratchlm.train.reference import AdamW
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(ps):
+        return [{"params": [ps[0]], "weight_decay": 0.1}, {"params": [ps[1]], "weight_decay": 0.0}]
+
+    opt_a = AdamW(groups(ours), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    opt_b = torch.optim.AdamW(groups(theirs), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step in range(20):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn_like(p) * (step + 1)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ours, theirs))

@@ -107,6 +107,7 @@ class TrainConfig:
     max_steps: int = 0               # 0: until the time budget runs out
     minutes: float = 0.0             # wall-clock budget for training steps; 0: none
     optimizer: str = "adamw"         # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    implementation: str = "torch"    # torch (fused, fast) | reference (scratchlm's readable AdamW, cross-entropy, clipping)
     lr: float = 3e-3
     muon_lr_scale: float = 10.0      # Muon's lr as a multiple of train.lr
     muon_momentum: float = 0.95

@@ -220,6 +220,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     accum = max(1, tc.batch_tokens // rows_per_step) if tc.batch_tokens else 1
     tokens_per_step = accum * rows_per_step
     flops_token, peak = flops_per_token(cfg.model), peak_flops(device)
+    if tc.implementation == "reference":
+        from scratchlm.train.reference import clip_grad_norm, cross_entropy
+    else:
+        cross_entropy, clip_grad_norm = F.cross_entropy, torch.nn.utils.clip_grad_norm_
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "total_steps": tc.max_steps,
              "best_val_loss": math.inf, "best_step": None}
@@ -230,6 +234,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
             dist.load_optimizer_state(model, optimizer, optimizer_state)
         job.batches.load_state_dict(saved["loader"])
         state.update({k: saved[k] for k in state if k in saved})
+        if tc.max_steps:  # a step budget given now wins, so a finished run can be extended
+            state["total_steps"] = tc.max_steps
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", state["step"] if resume_from is not None else None) if d.main else None
@@ -273,12 +279,12 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
                 with contextlib.nullcontext() if sync else wrapped.no_sync():
                     with autocast() if autocast else contextlib.nullcontext():
                         logits = forward(x)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+                    loss = cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             if scaler:
                 scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            grad_norm = clip_grad_norm(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
             if hasattr(grad_norm, "full_tensor"):  # FSDP: a sharded scalar
                 grad_norm = grad_norm.full_tensor()
             loss_value, norm_value = dist.mean_across(loss_sum, d).item(), float(grad_norm)

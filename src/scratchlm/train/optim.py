@@ -110,9 +110,19 @@ class Combined:
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
     # The fused kernel is the fastest on GPU; on CPU the multi-tensor ("foreach") path is.
     fused = device.type == "cuda"
+    if cfg.implementation not in ("torch", "reference"):
+        raise UserError(f"train.implementation = {cfg.implementation!r} is not one of torch, reference")
+    if cfg.implementation == "reference":
+        from scratchlm.train.reference import AdamW as ReferenceAdamW
+
+        def adamw(groups):
+            return ReferenceAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    else:
+        def adamw(groups):
+            return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                 eps=1e-8, fused=fused)
+        return adamw(param_groups(model, cfg.weight_decay))
     if cfg.optimizer != "muon":
         raise UserError(f"train.optimizer = {cfg.optimizer!r} is not one of adamw, muon")
     hidden = muon_params(model)
@@ -125,9 +135,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
     muon = Muon(hidden, lr=cfg.lr * cfg.muon_lr_scale, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     for g in muon.param_groups:
         g["lr_scale"] = cfg.muon_lr_scale
-    adamw = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                              eps=1e-8, fused=fused)
-    return Combined(muon, adamw)
+    return Combined(muon, adamw([g for g in groups if g["params"]]))
 
 
 def set_lr(optimizer, lr: float) -> None:
