@@ -2,6 +2,7 @@
 memory but not the result, and runs that survive SIGKILL and SIGTERM."""
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import signal
@@ -115,3 +116,51 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_exactly(play_te
     args, env = _cli(play_text, tmp_path / "killed", tmp_path / "cache", "train.resume=auto")
     subprocess.run(args, env=env, check=True, capture_output=True, timeout=300)
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "straight")  # bitwise
+
+
+def test_tensorboard_events_hold_the_logged_losses(play_text, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, losses = run(play_text, tmp_path / "run", "train.max_steps=5", 'train.log_to=["tensorboard"]')
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = events.Scalars("loss")
+    assert [e.step for e in logged] == [1, 2, 3, 4, 5]
+    assert [e.value for e in logged] == pytest.approx(losses, rel=1e-6)
+    assert "val_bpb" in events.Tags()["scalars"]  # the final evaluation
+
+
+def test_wandb_gets_rows_offline_without_an_api_key(play_text, tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = {"log": [], "init": None}
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+
+    class FakeRun:
+        def log(self, row, step):
+            calls["log"].append((step, row))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return FakeRun()
+
+    fake.init = init
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _, losses = run(play_text, tmp_path / "run", "train.max_steps=3", 'train.log_to=["wandb"]')
+    assert calls["init"]["mode"] == "offline" and calls["init"]["config"]["train"]["max_steps"] == 3
+    assert [row["loss"] for step, row in calls["log"] if "loss" in row] == losses and calls["finished"]
+
+
+def test_unknown_or_missing_logger_is_one_line(play_text, tmp_path):
+    from scratchlm.errors import UserError
+
+    with pytest.raises(UserError, match="'tensorbored' is not one of tensorboard, wandb"):
+        run(play_text, tmp_path / "run", "train.max_steps=1", 'train.log_to=["tensorbored"]')

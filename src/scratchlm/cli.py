@@ -124,9 +124,20 @@ def cmd_eval(a):
 
 
 def cmd_plot(a):
-    from scratchlm.viz.plots import plot_runs
+    from scratchlm.viz.plots import plot_runs, plot_schedule
 
-    print(f"wrote {plot_runs([Path(r) for r in a.runs], Path(a.out))}")
+    if a.schedule:
+        from scratchlm.config import load_config
+
+        train = load_config(a.schedule, a.set).train
+        steps = a.steps or train.max_steps
+        if not steps:
+            raise UserError(f"{a.schedule} sets no train.max_steps (it runs for a time budget); give --steps N")
+        print(f"wrote {plot_schedule(train, steps, Path(a.out))}")
+    elif a.runs:
+        print(f"wrote {plot_runs([Path(r) for r in a.runs], Path(a.out))}")
+    else:
+        raise UserError("name run folders to plot, or --schedule RECIPE.toml to draw a learning-rate schedule")
 
 
 def cmd_model_info(a):
@@ -197,8 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("plot", help="loss, bits-per-byte, lr and grad-norm curves of one or more runs")
-    s.add_argument("runs", nargs="+")
+    s.add_argument("runs", nargs="*", help="run folders")
     s.add_argument("--out", default="runs.png", help="PNG or SVG file")
+    s.add_argument("--schedule", metavar="RECIPE", help="draw the learning rate a recipe will follow instead")
+    s.add_argument("--steps", type=int, help="with --schedule: the run length (default train.max_steps)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --schedule")
     s.set_defaults(func=cmd_plot)
 
     model = sub.add_parser("model", help="model presets").add_subparsers(dest="model_command", required=True)

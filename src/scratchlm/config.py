@@ -124,6 +124,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    log_to: list[str] = field(default_factory=list)  # also log to: tensorboard, wandb (both work offline)
     compile: bool = False
     activation_checkpointing: bool = False  # recompute each block's activations in backward: less memory, ~30% more time
     parallel: str = "ddp"            # under torchrun: ddp (replicated weights) | fsdp (FSDP2, sharded weights)

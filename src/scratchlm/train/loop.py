@@ -33,6 +33,7 @@ from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
+from scratchlm.train.loggers import Sinks
 from scratchlm.train.mfu import peak_flops
 from scratchlm.train.optim import build_optimizer, lr_at, set_lr
 
@@ -239,10 +240,12 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
     metrics = MetricsLog(out_dir / "metrics.jsonl", state["step"] if resume_from is not None else None) if d.main else None
+    sinks = Sinks(tc.log_to, out_dir, cfg.to_dict(), resume_from is not None) if d.main else None
 
     def log(row: dict) -> None:
         if metrics:
             metrics.write(row)
+            sinks.write(row)
 
     def save() -> None:
         weights = dist.full_model_state(model)
@@ -355,6 +358,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
         if stop.raised:
             if metrics:
                 metrics.close()
+                sinks.close()
             if d.main:
                 print(f"stopped at step {state['step']}; checkpoint saved in {out_dir}. Continue with --resume.")
             return {"interrupted": True, "step": state["step"]}
@@ -363,6 +367,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     log({"step": state["step"], "tokens": state["tokens"], "final": True, **final})
     if metrics:
         metrics.close()
+        sinks.close()
         from scratchlm.viz.plots import plot_runs
 
         plot_runs([out_dir], out_dir / "loss.png")

@@ -44,8 +44,28 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_schedule(train_cfg, steps: int, out: Path) -> Path:
+    """The learning rate a run of `steps` steps will follow, drawn before it starts."""
+    from scratchlm.train.optim import lr_at
+
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(range(1, steps + 1), [lr_at(s, steps, train_cfg) for s in range(steps)])
+    ax.set_title(f"{train_cfg.schedule} schedule, {train_cfg.warmup_steps} warmup steps, peak {train_cfg.lr:g}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def _save(fig, out: Path) -> Path:
+    """Write the figure (PNG or SVG by suffix) under a temporary name, then rename it into place."""
     fig.tight_layout()
     out = Path(out)
+    if out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise UserError(f"{out}: choose a .png, .svg or .pdf file name")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
     fig.savefig(tmp, dpi=110)
