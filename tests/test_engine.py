@@ -79,7 +79,8 @@ def test_nan_losses_stop_the_run_with_the_checkpoint_intact(play_text, tmp_path,
 def _cli(play_text, out, cache, *extra):
     args = [sys.executable, "-m", "scratchlm", "pretrain", "--config", str(ROOT / "recipes" / "shakespeare-cpu.toml"),
             "--out", str(out)]
-    for s in [f"data.dataset={play_text}", *SMALL, "train.max_steps=40", "train.checkpoint_every=3", *extra]:
+    for s in [f"data.dataset={play_text}", *SMALL, "train.max_steps=300", "train.checkpoint_every=3",
+              "train.keep_checkpoints=0", *extra]:
         args += ["--set", s]
     return args, {**os.environ, "SCRATCHLM_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
 
@@ -90,6 +91,7 @@ def _losses(run_dir):
 
 
 def _wait_for_checkpoint(proc, run_dir, step):
+    # every checkpoint is kept (keep_checkpoints=0), and the run is long enough that the signal lands mid-run
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / f"step_{step:08d}").exists():
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before the checkpoint"
