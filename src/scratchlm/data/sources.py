@@ -6,6 +6,11 @@ ever see those, so adding a source never touches the trainer. Splits are determi
 loss means the same on every machine:
 - plain text: cut just after the first newline at or after 90% of the bytes;
 - records (jsonl, parquet, hf, dialogues): the last ~10% of records, in source order, go to val.
+
+Next to each text file, `train.docs` / `val.docs` say where its documents start: little-endian uint64 byte
+offsets, the first 0. A document is a record, or one file of a folder; a single text file (and
+Shakespeare, defined as the plain concatenation of its plays) is one document. Token shards put an
+end-of-text token between documents (`data/shards.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import itertools
 import json
 import os
 import re
+import struct
 import subprocess
 import sys
 import tarfile
@@ -36,6 +42,7 @@ from scratchlm.errors import UserError
 TRAIN_FRACTION = 0.9
 _CHUNK = 1 << 20  # module-level so tests can shrink it and exercise chunk boundaries
 _HF_SYNTAX = "hf:NAME[:CONFIG][@SPLIT]"
+DOCS_SUFFIX = ".docs"
 
 
 def cache_dir() -> Path:
@@ -89,22 +96,60 @@ def _short(e: BaseException) -> str:
     return (str(e).strip() or type(e).__name__).splitlines()[0][:200]
 
 
+class _Part:
+    """A split's text file being written, and the offsets where its documents start (into `docs`)."""
+
+    def __init__(self, text: BinaryIO, docs: BinaryIO):
+        self._text, self._docs, self._last = text, docs, 0
+        docs.write(struct.pack("<Q", 0))
+
+    def write(self, data: bytes) -> int:
+        return self._text.write(data)
+
+    def tell(self) -> int:
+        return self._text.tell()
+
+    def mark_document(self) -> None:
+        """The next byte written starts a new document (a no-op where nothing was written since the last)."""
+        pos = self._text.tell()
+        if pos > self._last:
+            self._docs.write(struct.pack("<Q", pos))
+            self._last = pos
+
+
+def document_starts(text_path: str | os.PathLike) -> list[int]:
+    """Byte offsets where the documents of a split file start (see the module docstring); `[0]`, one
+    document, for a file without a valid `.docs` file beside it."""
+    path = Path(text_path)
+    docs, size = path.with_suffix(DOCS_SUFFIX), path.stat().st_size
+    if not docs.is_file() or docs.stat().st_size % 8:
+        return [0]
+    data = docs.read_bytes()
+    starts = list(struct.unpack(f"<{len(data) // 8}Q", data))
+    if not starts or starts[0] != 0 or any(a >= b for a, b in zip(starts, starts[1:])):
+        return [0]
+    return [x for x in starts if x < size] or [0]
+
+
 def _materialise(dest: Path, build: Callable[[BinaryIO, BinaryIO], None]) -> None:
     """Run `build` into temp files in `dest`, then fsync and rename them into place. Same-directory temp
-    files make os.replace atomic: a crash or Ctrl-C never leaves a truncated file posing as complete."""
+    files make os.replace atomic: a crash or Ctrl-C never leaves a truncated file posing as complete.
+    `build` gets file-like `_Part`s: `write`, `tell`, and `mark_document` for sources made of documents."""
     dest.mkdir(parents=True, exist_ok=True)
     tmps: dict[str, tuple[BinaryIO, str]] = {}
     try:
-        for part in ("train", "val"):
-            fd, tmp = tempfile.mkstemp(prefix=f".{part}.", suffix=".partial", dir=dest)
-            tmps[part] = (os.fdopen(fd, "wb"), tmp)
-        build(tmps["train"][0], tmps["val"][0])
-        for part in ("val", "train"):  # train.txt appears last, so its presence means the pair is whole
-            fh, tmp = tmps[part]
+        for name in ("train.txt", "val.txt", "train" + DOCS_SUFFIX, "val" + DOCS_SUFFIX):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=dest)
+            tmps[name] = (os.fdopen(fd, "wb"), tmp)
+        parts = {p: _Part(tmps[f"{p}.txt"][0], tmps[p + DOCS_SUFFIX][0]) for p in ("train", "val")}
+        build(parts["train"], parts["val"])
+        # train.txt appears last, so its presence means the whole set is there
+        for name in ("train" + DOCS_SUFFIX, "val" + DOCS_SUFFIX, "val.txt", "train.txt"):
+            fh, tmp = tmps[name]
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
-            os.replace(tmp, dest / f"{part}.txt")
+            os.replace(tmp, dest / name)
     finally:
         for fh, tmp in tmps.values():
             fh.close()
@@ -112,11 +157,16 @@ def _materialise(dest: Path, build: Callable[[BinaryIO, BinaryIO], None]) -> Non
                 os.unlink(tmp)
 
 
-def _split_text(chunks: Iterable[bytes], total: int, train_f: BinaryIO, val_f: BinaryIO, label: str) -> None:
+def _split_text(chunks: Iterable[bytes | None], total: int, train_f: BinaryIO, val_f: BinaryIO, label: str) -> None:
     """Bytes go to train up to the first newline at/after 90%, the rest to val. Streaming keeps memory
-    flat for big corpora; cutting after a newline keeps lines and UTF-8 sequences whole."""
+    flat for big corpora; cutting after a newline keeps lines and UTF-8 sequences whole. A None chunk
+    says a new document starts there."""
     target, pos, out = int(TRAIN_FRACTION * total), 0, train_f
     for chunk in chunks:
+        if chunk is None:
+            if hasattr(out, "mark_document"):
+                out.mark_document()
+            continue
         if out is train_f and pos + len(chunk) > target:
             nl = chunk.find(b"\n", max(0, target - pos))
             if nl >= 0:
@@ -141,7 +191,10 @@ def _split_records(texts: Callable[[], Iterator[str]], train_f: BinaryIO, val_f:
     cut = _cut(sum(1 for _ in texts()), label)
     for i, text in enumerate(texts()):
         text = text if text.endswith("\n") else text + "\n"
-        (train_f if i < cut else val_f).write(text.encode("utf-8", "replace"))
+        out = train_f if i < cut else val_f
+        if hasattr(out, "mark_document"):
+            out.mark_document()
+        out.write(text.encode("utf-8", "replace"))
 
 
 def _pip_fetch(spec: str, root: Path, *, sdist: bool, progress: bool) -> Path:
@@ -344,8 +397,10 @@ def _build_hf(spec: str, text_field: str, train_f: BinaryIO, val_f: BinaryIO, pr
     _split_records(texts, train_f, val_f, spec)
 
 
-def _file_chunks(files: list[Path]) -> Iterator[bytes]:
+def _file_chunks(files: list[Path]) -> Iterator[bytes | None]:
+    """The files' bytes, each file preceded by None (a new document) and ended by a newline."""
     for path in files:
+        yield None
         check, last = codecs.getincrementaldecoder("utf-8")(), b"\n"  # validate without holding the file
         try:
             with open(path, "rb") as fh:
@@ -443,7 +498,8 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
                         f"Known: {', '.join(DATASETS)}; or {_HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
     dest = root / "datasets" / name
     train, val = dest / "train.txt", dest / "val.txt"
-    if not (train.is_file() and val.is_file()):
+    # A folder made before document offsets were recorded lacks the .docs files: it is built again.
+    if not all(p.is_file() for p in (train, val, train.with_suffix(DOCS_SUFFIX), val.with_suffix(DOCS_SUFFIX))):
         _say(progress, f"preparing {spec} in {dest}")
         _materialise(dest, build)
     return DataSplit(name, train, val, train.stat().st_size, val.stat().st_size)

