@@ -10,7 +10,7 @@ from scratchlm.config import build_config, preset_config
 from scratchlm.model.attention import CausalSelfAttention
 from scratchlm.model.info import count_params
 from scratchlm.model.layers import RMSNorm, SwiGLU
-from scratchlm.model.positions import alibi_slopes, apply_rope, rope_angles, sinusoidal_table
+from scratchlm.model.positions import alibi_slopes, apply_rope, rope_angles, rope_tables, sinusoidal_table
 from scratchlm.model.transformer import Transformer
 
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "nope"]
@@ -47,6 +47,8 @@ def test_rope_matches_complex_rotation():
     theta = 10000.0 ** (-torch.arange(0, d, 2).float() / d)
     rotated = z * torch.polar(torch.ones(T, d // 2), pos[:, None].float() * theta)
     torch.testing.assert_close(out, torch.cat([rotated.real, rotated.imag], dim=-1))
+    # The model's full-width tables give the same rotation.
+    torch.testing.assert_close(apply_rope(x, *rope_tables(pos, d, base=10000.0)), out, rtol=0, atol=0)
 
 
 def test_rope_scores_depend_only_on_distance():
@@ -148,3 +150,34 @@ def test_residual_projections_are_scaled_at_init():
     model = small_model(n_layers=8, d_model=64)
     assert model.blocks[0].attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert model.blocks[0].attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.1)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+@pytest.mark.parametrize("variant", [
+    dict(n_kv_heads=1, qk_norm=True), dict(pre_norm=False, norm="layernorm", mlp="gelu", bias=True),
+    dict(n_kv_heads=2, mlp="relu", attention="explicit"), dict(mlp="silu", tie_embeddings=False, attention="explicit"),
+])
+def test_no_peeking_for_any_option_combination(position, variant):
+    model = small_model(position=position, **variant)
+    x = torch.randint(0, 97, (2, 20))
+    for cut in (1, 9, 19):
+        y = x.clone()
+        y[:, cut:] = torch.randint(0, 97, y[:, cut:].shape)
+        torch.testing.assert_close(model(x)[:, :cut], model(y)[:, :cut])
+
+
+def test_n_kv_heads_equal_to_n_heads_is_multi_head_attention():
+    mha, gqa_as_mha = small_model(n_kv_heads=0), small_model(n_kv_heads=4)
+    assert mha.state_dict().keys() == gqa_as_mha.state_dict().keys()
+    gqa_as_mha.load_state_dict(mha.state_dict())
+    x = torch.randint(0, 97, (2, 11))
+    torch.testing.assert_close(gqa_as_mha(x), mha(x), rtol=0, atol=0)
+    # And one kv head per query head computes what F.multi_head_attention_forward (no sharing) computes.
+    attn = mha.blocks[0].attn
+    h = torch.randn(1, 7, 48)
+    ref, _ = F.multi_head_attention_forward(
+        h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), 48, 4, None, None, None, None, False, 0.0,
+        attn.o_proj.weight, None, training=False, need_weights=False,
+        attn_mask=torch.ones(7, 7, dtype=torch.bool).triu(1), use_separate_proj_weight=True,
+        q_proj_weight=attn.q_proj.weight, k_proj_weight=attn.k_proj.weight, v_proj_weight=attn.v_proj.weight)
+    torch.testing.assert_close(attn(h, torch.arange(7)), ref.transpose(0, 1), atol=1e-5, rtol=1e-5)

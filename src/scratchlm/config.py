@@ -38,7 +38,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
-    attention: str = "sdpa"      # sdpa | explicit
+    attention: str = "sdpa"      # sdpa | explicit | triton (scratchlm's FlashAttention-2 kernel; CUDA only)
     init_std: float = 0.02
 
     @property
@@ -61,7 +61,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         choices = {"position": ("learned", "sinusoidal", "rope", "alibi", "nope"), "norm": ("rmsnorm", "layernorm"),
-                   "mlp": ("gelu", "relu", "silu", "swiglu"), "attention": ("sdpa", "explicit")}
+                   "mlp": ("gelu", "relu", "silu", "swiglu"), "attention": ("sdpa", "explicit", "triton")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise UserError(f"model.{key} = {getattr(self, key)!r} is not one of {', '.join(allowed)}")
@@ -71,6 +71,9 @@ class ModelConfig:
             raise UserError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head size; d_model / n_heads = {self.head_dim}")
+        if self.attention == "triton":
+            from scratchlm.model.flash_triton import check_usable  # imports Triton, so only when asked for
+            check_usable(self.head_dim, self.dropout)
 
 
 PRESETS: dict[str, dict] = {

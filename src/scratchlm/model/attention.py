@@ -2,7 +2,8 @@
 
 Two paths compute the same thing: PyTorch's fused `scaled_dot_product_attention` (flash attention on a
 GPU) and an explicit one that writes the softmax out, which is easier to read and can hand back the
-attention weights for plotting.
+attention weights for plotting. A third, `triton`, is scratchlm's own FlashAttention-2 kernel
+(model/flash_triton.py), for training on a GPU.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, rope: tuple | None = None,
                 alibi_slopes: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0) -> torch.Tensor:
+                layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (B, keys so far), True where a key may be attended to: hides left padding."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -81,12 +83,23 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        elif self.backend == "triton" and key_mask is None and not self.keep_weights:
+            # Our FlashAttention-2 kernel reads each query head's key/value head in place (no repeat). Cached
+            # decoding and padding masks stay on SDPA: the kernel is tuned per length, for training.
+            from scratchlm.model.flash_triton import flash_attention
+            y = flash_attention(q, k, v, causal=True, alibi_slopes=alibi_slopes)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
 
         k_positions = torch.arange(k.shape[2], device=x.device) + (positions[0] - (k.shape[2] - T))
-        bias = self._bias(positions, k_positions, alibi_slopes, x.dtype)
+        bias = self._bias(positions, k_positions, alibi_slopes, x.dtype, force=key_mask is not None)
+        if key_mask is not None:
+            # A padding query may see itself, so that no row of the softmax is empty (that would be NaN).
+            own = k_positions[None, :] == positions[:, None]
+            hidden = ~(key_mask[:, None, :] | own[None])
+            bias = bias[None].masked_fill(hidden[:, None], float("-inf"))
         dropout = self.dropout if self.training else 0.0
         if self.backend == "explicit" or self.keep_weights:
             y = self._explicit(q, k, v, bias, dropout)

@@ -12,7 +12,7 @@ from torch import nn
 from scratchlm.config import ModelConfig
 from scratchlm.model.attention import CausalSelfAttention, KVCache
 from scratchlm.model.layers import make_mlp, make_norm
-from scratchlm.model.positions import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_angles
+from scratchlm.model.positions import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_tables
 
 
 class Block(nn.Module):
@@ -75,20 +75,30 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T). With a cache, `idx` continues the cached sequence."""
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T). With a cache, `idx` continues the cached sequence.
+
+        `pad` (B,) counts the padding tokens at the start of each row, so prompts of different lengths can
+        share a batch: keys in those slots are hidden and the added position tables count from each row's
+        first real token. RoPE and ALiBi depend only on distances, which left padding does not change."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if self.pos_emb is not None and isinstance(self.pos_emb, LearnedPositions) and start + T > self.config.context:
             raise ValueError(f"learned positions stop at {self.config.context}; got position {start + T - 1}")
         positions = torch.arange(start, start + T, device=idx.device)
+        key_mask = None
+        if pad is not None:
+            pad = pad.to(idx.device)
+            key_mask = torch.arange(start + T, device=idx.device)[None, :] >= pad[:, None]
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions).to(x.dtype)
+            table_positions = positions if pad is None else (positions[None, :] - pad[:, None]).clamp(min=0)
+            x = x + self.pos_emb(table_positions).to(x.dtype)
         x = self.dropout(x)
-        rope = rope_angles(positions, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
+        rope = rope_tables(positions, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, rope=rope, alibi_slopes=self.alibi_slopes, cache=cache, layer=i)
+            x = block(x, positions, rope=rope, alibi_slopes=self.alibi_slopes, cache=cache, layer=i,
+                      key_mask=key_mask)
         if cache is not None:
             cache.advance(T)
         return self.lm_head(self.final_norm(x))

@@ -1,0 +1,121 @@
+"""Training-step speed of scratchlm's model against transformers' LlamaForCausalLM of the same shape, on CPU.
+
+    python bench/model.py                                # d_model 256, 6 layers, vocab 4096, batch 16 x 256
+    python bench/model.py --layers 4 --threads 2 --rounds 5
+
+Both models get the same weights, the same batch and the same loss (float32 cross-entropy over the
+logits), and run forward + backward with the same attention backend (SDPA); no optimizer step, which
+costs both the same. They take turns, round after round, so a change in the machine's load hits both;
+each reports its best round. The machine's own float32 matmul rate (a large square product on the same
+threads) is measured alongside, and the training step's useful FLOPs
+(`scratchlm.model.info.flops_per_token`) are given as a fraction of it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from scratchlm.config import build_config
+from scratchlm.convert.hf import to_llama
+from scratchlm.model.info import count_params, flops_per_token
+from scratchlm.model.transformer import Transformer
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 FLOP/s of an n x n by n x n product."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def step_seconds(forward, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int) -> float:
+    """Mean seconds of one forward + backward over `steps` steps."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        logits = forward(x)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--context", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="steps per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--tied", action="store_true", help="tie the output head to the embedding")
+    a = p.parse_args()
+
+    import transformers
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    cfg = build_config({"model": {"vocab_size": a.vocab, "context": a.context, "d_model": a.d_model,
+                                  "n_layers": a.layers, "n_heads": a.heads, "tie_embeddings": a.tied}}).model
+    ours = Transformer(cfg).train()
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_hidden,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.context, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_base,
+        tie_word_embeddings=cfg.tie_embeddings, attn_implementation="sdpa")
+    theirs = transformers.LlamaForCausalLM(hf_cfg).train()
+    weights = dict(ours.state_dict())
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight")
+    theirs.load_state_dict(to_llama(weights, cfg), strict=False)
+
+    x = torch.randint(0, cfg.vocab_size, (a.batch, a.context))
+    y = torch.randint(0, cfg.vocab_size, (a.batch, a.context))
+    with torch.no_grad():
+        diff = (ours(x) - theirs(x).logits).abs().max().item()
+    runners = {"scratchlm": (ours, list(ours.parameters())),
+               "transformers": (lambda t: theirs(t).logits, list(theirs.parameters()))}
+    for name, (fwd, params) in runners.items():  # warm-up: first calls allocate and pick kernels
+        step_seconds(fwd, x, y, params, 1)
+    peak = matmul_rate()
+    best = {name: float("inf") for name in runners}
+    for _ in range(a.rounds):
+        for name, (fwd, params) in runners.items():
+            best[name] = min(best[name], step_seconds(fwd, x, y, params, a.steps))
+        peak = max(peak, matmul_rate())
+
+    tokens = a.batch * a.context
+    flops = flops_per_token(cfg, a.context)
+    n = count_params(cfg)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, load average {load:.2f}")
+    print(f"model: {n['total'] / 1e6:.2f}M parameters (d_model {cfg.d_model}, {cfg.n_layers} layers, "
+          f"{cfg.n_heads} heads, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, "
+          f"{'tied' if cfg.tie_embeddings else 'untied'}), batch {a.batch} x {a.context}, "
+          f"{flops / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}")
+    print(f"float32 matmul, 2048^3: {peak / 1e9:.1f} GFLOP/s\n")
+    print(f"{'':14}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}")
+    for name, seconds in best.items():
+        rate = tokens / seconds
+        print(f"{name:14}{seconds * 1e3:10.1f}{rate:11,.0f}{rate * flops / 1e9:9.1f}{rate * flops / peak:11.0%}")
+    ratio = best["transformers"] / best["scratchlm"]
+    print(f"\nscratchlm / transformers: {ratio:.2f}x tokens/s (target 1.2x); scratchlm reaches "
+          f"{tokens / best['scratchlm'] * flops / peak:.0%} of the matmul rate (target 60%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""GGUF files (llama.cpp's format) for Llama-shaped models: read one, dequantizing, and write one in f32,
+f16 or q8_0.
+
+Names: GGUF calls the parts `token_embd`, `blk.N.attn_q`, `ffn_gate`, `output_norm`, `output`, ... and
+leaves `output` out when the head is tied to the embedding. Shapes: GGUF lists dimensions fastest first,
+which for a row-major (out, in) matrix is (in, out); the `gguf` package turns them around both ways.
+
+Queries and keys: llama.cpp rotates adjacent pairs (x[2i], x[2i+1]), as Meta's original Llama code did,
+while scratchlm and transformers rotate (x[i], x[i + d/2]). Attention scores are dot products over a
+head's dimensions, so reordering those dimensions the same way in q and k changes nothing; what matters is
+that each rotated pair is the same two numbers. GGUF therefore stores the rows of W_q and W_k reordered
+within each head from [half, i] to [i, half] (row h*d + half*d/2 + i moves to h*d + 2i + half), which
+makes llama.cpp's adjacent pairs our split pairs. Reading undoes it.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.config import ModelConfig
+from scratchlm.convert.bundle import Bundle, check_weights
+from scratchlm.convert.deps import require
+from scratchlm.convert.families import hf_family
+from scratchlm.errors import UserError
+
+_BLOCK = {"attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "mlp_norm.weight",
+          "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight",
+          "attn_v.weight": "attn.v_proj.weight", "attn_output.weight": "attn.o_proj.weight",
+          "ffn_gate.weight": "mlp.gate.weight", "ffn_up.weight": "mlp.up.weight", "ffn_down.weight": "mlp.down.weight"}
+_TOP = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "final_norm.weight", "output.weight": "lm_head.weight"}
+_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+DTYPES = ("f32", "f16", "q8_0")
+_FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+
+
+def to_llama_cpp_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from [half, i] to [i, half] (see the module's note)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def from_llama_cpp_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder each head's rows from [i, half] back to [half, i]."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _gguf_name(ours: str) -> str:
+    for theirs, name in _TOP.items():
+        if name == ours:
+            return theirs
+    m = re.match(r"^blocks\.(\d+)\.(.+)$", ours)
+    for theirs, name in _BLOCK.items():
+        if m and name == m.group(2):
+            return f"blk.{m.group(1)}.{theirs}"
+    raise KeyError(ours)
+
+
+def _our_name(theirs: str, source: str) -> str:
+    if theirs in _TOP:
+        return _TOP[theirs]
+    m = _BLOCK_NAME.match(theirs)
+    if m and m.group(2) in _BLOCK:
+        return f"blocks.{m.group(1)}.{_BLOCK[m.group(2)]}"
+    raise UserError(f"{source}: tensor {theirs!r} has no scratchlm counterpart (only plain Llama converts)")
+
+
+def check_llama(cfg: ModelConfig) -> None:
+    if hf_family(cfg) != "llama":
+        raise UserError(f"model.position = {cfg.position!r}: GGUF export handles Llama-shaped models "
+                        f"(rope, rmsnorm, swiglu)")
+    if cfg.bias:
+        raise UserError("model.bias = true: GGUF's llama architecture has no biases")
+
+
+def write_gguf(bundle: Bundle, dst: Path, dtype: str = "f32") -> list[str]:
+    """Write a GGUF file of architecture 'llama'; returns notes for the user."""
+    cfg = bundle.config
+    check_llama(cfg)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)} for GGUF")
+    gguf = require("gguf", "writing GGUF")
+    check_weights(cfg, bundle.weights, bundle.name)
+    dst = Path(dst)
+    if dst.suffix != ".gguf":
+        raise UserError(f"{dst}: a GGUF file's name ends in .gguf")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")  # renamed into place once whole, so a reader never sees half a file
+    try:
+        notes = _write(gguf, bundle, tmp, dtype)
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return notes
+
+
+def _write(gguf, bundle: Bundle, path: Path, dtype: str) -> list[str]:
+    cfg = bundle.config
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name(bundle.name)
+    w.add_context_length(cfg.context)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.ffn_hidden)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.kv_heads)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(_FILE_TYPE[dtype])
+    notes = _add_tokenizer(w, bundle)
+    fallback = []
+    for ours, t in bundle.weights.items():
+        t = t.detach().float().cpu()
+        if ours.endswith("q_proj.weight"):
+            t = to_llama_cpp_rows(t, cfg.n_heads)
+        elif ours.endswith("k_proj.weight"):
+            t = to_llama_cpp_rows(t, cfg.kv_heads)
+        name, arr = _gguf_name(ours), t.numpy()
+        # Norm gains stay float32 at every dtype, as llama.cpp keeps them: they are tiny and precision-critical.
+        if arr.ndim == 1 or dtype == "f32":
+            w.add_tensor(name, arr)
+        elif dtype == "f16" or arr.shape[-1] % 32:
+            if dtype == "q8_0":
+                fallback.append(name)
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    if fallback:
+        notes.append(f"{len(fallback)} tensors kept in f16: q8_0 needs rows that are a multiple of 32 long")
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return notes
+
+
+def _add_tokenizer(w, bundle: Bundle) -> list[str]:
+    from scratchlm.convert.vocab import tokenizer_to_gguf
+
+    tok = bundle.tokenizer
+    if tok is None:
+        return ["no tokenizer written: the source has none"]
+    tokens, types, merges = tokenizer_to_gguf(tok, bundle.config.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_add_bos_token(False)
+    for setter, tid in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
+                        (w.add_pad_token_id, tok.pad_id), (w.add_unk_token_id, tok.unk_id)):
+        if tid is not None:
+            setter(tid)
+    return []
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001 - a field we cannot decode is one we do not need
+            continue
+    return out
+
+
+def read_gguf(src: Path) -> Bundle:
+    """A GGUF file of architecture 'llama': config from its metadata, every tensor dequantized to float32."""
+    from scratchlm.convert.vocab import tokenizer_from_gguf
+
+    gguf = require("gguf", "reading GGUF")
+    src = Path(src)
+    try:
+        reader = gguf.GGUFReader(str(src))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{src} cannot be read as GGUF: {e}") from None
+    f = _fields(reader)
+    arch = f.get("general.architecture")
+    if arch != "llama":
+        raise UserError(f"{src}: GGUF architecture {arch!r} is not one scratchlm reads (llama)")
+
+    def key(name, default=None):
+        value = f.get(f"llama.{name}", default)
+        if value is None:
+            raise UserError(f"{src}: metadata llama.{name} is missing")
+        return value
+
+    if "llama.rope.scaling.type" in f and f["llama.rope.scaling.type"] not in ("none", "linear") \
+            or float(f.get("llama.rope.scaling.factor", 1.0)) != 1.0:
+        raise UserError(f"{src}: RoPE scaling has no scratchlm counterpart; only plain RoPE converts")
+    names = {t.name for t in reader.tensors}
+    d, heads = int(key("embedding_length")), int(key("attention.head_count"))
+    kv = key("attention.head_count_kv", heads)
+    if isinstance(kv, list):
+        raise UserError(f"{src}: a different number of key/value heads per layer has no scratchlm counterpart")
+    head_dim = int(f.get("llama.attention.key_length", d // heads))
+    if head_dim * heads != d or int(key("rope.dimension_count", head_dim)) != head_dim:
+        raise UserError(f"{src}: heads of {head_dim} rotated over {key('rope.dimension_count', head_dim)} "
+                        f"dimensions; scratchlm rotates all of d_model / n_heads")
+    vocab = f.get("llama.vocab_size") or len(f.get("tokenizer.ggml.tokens") or [])
+    cfg = ModelConfig(vocab_size=int(vocab), context=int(key("context_length")), d_model=d,
+                      n_layers=int(key("block_count")), n_heads=heads, n_kv_heads=int(kv),
+                      d_ff=int(key("feed_forward_length")), position="rope",
+                      rope_base=float(key("rope.freq_base", 10000.0)), norm="rmsnorm",
+                      norm_eps=float(key("attention.layer_norm_rms_epsilon")), mlp="swiglu",
+                      tie_embeddings="output.weight" not in names, bias=False)
+    weights = {}
+    for t in reader.tensors:
+        ours = _our_name(t.name, str(src))
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.tensor(np.asarray(arr), dtype=torch.float32)
+        if ours.endswith("q_proj.weight"):
+            w = from_llama_cpp_rows(w, cfg.n_heads)
+        elif ours.endswith("k_proj.weight"):
+            w = from_llama_cpp_rows(w, cfg.kv_heads)
+        weights[ours] = w.contiguous()
+    check_weights(cfg, weights, str(src))
+    try:
+        tokenizer, note = tokenizer_from_gguf(f, str(src))
+    except UserError as e:
+        tokenizer, note = None, f"tokenizer not imported: {e}"
+    name = f.get("general.name") or src.stem
+    return Bundle(cfg, weights, tokenizer, name=str(name), notes=[note] if note else [])
