@@ -1,0 +1,2 @@
+"""Chat: the template that turns conversations into tokens (`template.py`) and the terminal chat
+(`terminal.py`)."""

@@ -1,0 +1,185 @@
+"""The OpenAI API's request and response shapes: checking a request, and building the JSON answers.
+
+Requests are checked field by field; a bad one becomes an `ApiError`, sent as OpenAI sends errors:
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status. Besides OpenAI's sampling fields,
+`top_k`, `min_p` and `repetition_penalty` are accepted as extensions (as vLLM and llama.cpp do).
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scratchlm.chat.template import ROLES
+from scratchlm.infer.sampling import MAX_STOP_STRINGS, SamplingParams
+
+MAX_N = 1
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _number(body: Mapping, name: str, default: float, low: float, high: float, *, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"'{name}' must be a number, got {value!r}", name)
+    if value < low or value > high or (low_open and value == low):
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ApiError(400, f"'{name}' must be in {bound}, got {value}", name)
+    return float(value)
+
+
+def _integer(body: Mapping, name: str, default: int | None, low: int, high: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{name}' must be an integer, got {value!r}", name)
+    if not low <= value <= high:
+        raise ApiError(400, f"'{name}' must be between {low} and {high}, got {value}", name)
+    return value
+
+
+@dataclass
+class Request:
+    model: str
+    stream: bool
+    include_usage: bool
+    params: SamplingParams
+    max_tokens: int | None            # None: up to the end of the context
+    prompt: str | None = None         # /v1/completions
+    messages: list[dict] | None = None  # /v1/chat/completions
+
+
+def parse_request(body: object, chat: bool, model_id: str) -> Request:
+    if not isinstance(body, Mapping):
+        raise ApiError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required: the id listed by GET /v1/models", "model")
+    if model != model_id:
+        raise ApiError(404, f"The model '{model}' does not exist; this server serves '{model_id}'", "model",
+                       "model_not_found")
+    n = _integer(body, "n", 1, 1, 128)
+    if n > MAX_N:
+        raise ApiError(400, f"'n' > {MAX_N} is not supported; send several requests", "n")
+    for name in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "suffix"):
+        value = body.get(name)
+        if value not in (None, False, 0, [], {}):
+            raise ApiError(400, f"'{name}' is not supported by this server", name)
+    if body.get("echo"):
+        raise ApiError(400, "'echo' is not supported by this server", "echo")
+    stream = body.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise ApiError(400, f"'stream' must be true or false, got {stream!r}", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, Mapping):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, max_name, None, 1, 1_000_000)
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP_STRINGS} of them", "stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (1 is off)", name)
+    params = SamplingParams(
+        max_new_tokens=max_tokens or 0,
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", 0, 0, 1_000_000),
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
+        seed=_integer(body, "seed", None, 0, 2**63 - 1),
+        stop=tuple(stop),
+    )
+    req = Request(model, stream, bool(options.get("include_usage")), params, max_tokens)
+    if chat:
+        req.messages = _messages(body.get("messages"))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ApiError(400, "'prompt' must be a string (one prompt per request)", "prompt")
+        req.prompt = prompt
+    return req
+
+
+def _messages(messages: object) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        param = f"messages[{i}]"
+        if not isinstance(m, Mapping):
+            raise ApiError(400, f"'{param}' must be an object with 'role' and 'content'", param)
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"'{param}.role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
+                           f"{param}.role")
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text ones can be read by this model
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"'{param}.content' parts must all be of type 'text'", f"{param}.content")
+            content = "".join(p["text"] for p in content)
+        if content is None and role == "assistant":
+            content = ""
+        if not isinstance(content, str):
+            raise ApiError(400, f"'{param}.content' must be a string", f"{param}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(rid: str, model: str, text: str, finish: str, prompt_tokens: int, completion_tokens: int,
+                    chat: bool) -> dict:
+    if chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chunk_body(rid: str, model: str, created: int, text: str | None, finish: str | None, chat: bool,
+               role: bool = False) -> dict:
+    if chat:
+        delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text is not None else {})
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [choice]}
+
+
+def usage_chunk(rid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int, chat: bool) -> dict:
+    return {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+            "model": model, "choices": [], "usage": usage(prompt_tokens, completion_tokens)}

@@ -1,0 +1,266 @@
+"""`scratchlm serve`: an OpenAI-compatible HTTP server and a web chat page, on the standard library.
+
+    GET  /                      the chat page (static/index.html)
+    GET  /health                {"status": "ok", ...}
+    GET  /v1/models             the one model served
+    POST /v1/completions        text in, text out
+    POST /v1/chat/completions   messages in, a message out (the chat template, see chat/template.py)
+
+Both POST routes stream by server-sent events with `"stream": true`. Each HTTP connection gets a thread
+(`ThreadingHTTPServer`) that checks the request, queues it with the engine and relays its events; the
+engine's single worker thread is the only one that runs the model. No cross-origin (CORS) headers are
+sent, so other web sites open in the user's browser cannot use the model; the page at `/` is same-origin.
+"""
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from scratchlm.chat.template import Prompter
+from scratchlm.errors import UserError
+from scratchlm.serve.api import ApiError, chunk_body, completion_body, new_id, parse_request, usage_chunk
+from scratchlm.serve.engine import Busy, Engine
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_BODY = 1 << 20
+REPLY_TIMEOUT = 600.0   # seconds an HTTP thread waits for the next piece before giving up
+
+
+class App:
+    """What the handlers share: the model's name and limits, the prompt builder and the engine."""
+
+    def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64):
+        self.model_id, self.tokenizer = model_id, tokenizer
+        self.context = model.config.context
+        self.prompter = Prompter(tokenizer)
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+        self.created = int(time.time())
+
+    def model_card(self) -> dict:
+        return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "scratchlm",
+                "context_length": self.context, "chat_template": self.prompter.templated}
+
+    def prepare(self, body: object, chat: bool):
+        """The checked request, its prompt ids and its sampling parameters, or an ApiError."""
+        req = parse_request(body, chat, self.model_id)
+        params = req.params
+        if chat:
+            if isinstance(body, dict) and body.get("trim_history") is True:
+                # An extension for the web page: drop the oldest turns rather than refuse a long chat.
+                budget = self.context - (req.max_tokens or self.context // 2)
+                if budget > 0:
+                    req.messages = self.prompter.fit(req.messages, budget)
+            prompt = self.prompter.prompt(req.messages)
+            params.stop_ids = self.prompter.stop_ids
+            params.stop = tuple(dict.fromkeys(params.stop + self.prompter.stop_strings))
+            kind = "messages"
+        else:
+            prompt = self.tokenizer.encode(req.prompt)
+            if not prompt:
+                bos = self.tokenizer.bos_id
+                prompt = [bos] if bos is not None else self.tokenizer.encode("\n")
+            eos = self.tokenizer.eos_id
+            params.stop_ids = (eos,) if eos is not None else ()
+            kind = "prompt"
+        room = self.context - len(prompt)
+        if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
+            asked = len(prompt) + (req.max_tokens or 1)
+            raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
+                                f"requested {asked} tokens ({len(prompt)} in the {kind}, {req.max_tokens or 1} in the "
+                                "completion). Please reduce the length of the "
+                                f"{kind} or completion.", kind, "context_length_exceeded")
+        params.max_new_tokens = req.max_tokens if req.max_tokens is not None else room
+        return req, prompt, params
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "scratchlm"
+
+    @property
+    def app(self) -> App:
+        return self.server.app
+
+    def log_message(self, format, *args):  # noqa: A002  (the base class's name)
+        if getattr(self.server, "verbose", False):
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------------ plumbing
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: dict) -> None:
+        self._send(status, json.dumps(obj).encode(), "application/json")
+
+    def _error(self, err: ApiError) -> None:
+        self._json(err.status, err.body())
+
+    def _read_json(self) -> object:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise ApiError(411, "a Content-Length header is required")
+        try:
+            n = int(length)
+        except ValueError:
+            raise ApiError(400, "the Content-Length header is not a number") from None
+        if n > MAX_BODY:
+            self.close_connection = True
+            raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
+        raw = self.rfile.read(n)
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    # ------------------------------------------------------------------ routes
+    def do_HEAD(self):  # noqa: N802
+        self.do_GET()
+
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/") or "/"
+        app = self.app
+        if path in ("/", "/index.html"):
+            self._send(200, (STATIC / "index.html").read_bytes(), "text/html; charset=utf-8")
+        elif path == "/health":
+            self._json(200, {"status": "ok", "model": app.model_id, "queued": app.engine.queued,
+                             "generating": app.engine.busy_rows, "served": app.engine.served})
+        elif path == "/v1/models":
+            self._json(200, {"object": "list", "data": [app.model_card()]})
+        elif path.startswith("/v1/models/"):
+            name = path[len("/v1/models/"):]
+            if name == app.model_id:
+                self._json(200, app.model_card())
+            else:
+                self._error(ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found"))
+        elif path in ("/v1/completions", "/v1/chat/completions"):
+            self._error(ApiError(405, f"{path} takes POST, not GET"))
+        else:
+            self._error(ApiError(404, f"no route {path}; see /v1/models, /v1/completions, /v1/chat/completions"))
+
+    def do_POST(self):  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/v1/completions", "/v1/chat/completions"):
+            self.close_connection = True  # the unread body would otherwise be read as the next request
+            self._error(ApiError(404, f"no POST route {path}; POST to /v1/completions or /v1/chat/completions"))
+            return
+        chat = path == "/v1/chat/completions"
+        try:
+            req, prompt, params = self.app.prepare(self._read_json(), chat)
+            job = self.app.engine.submit(prompt, params)
+        except ApiError as e:
+            self._error(e)
+            return
+        except Busy as e:
+            self._error(ApiError(503, f"the server is busy ({e}); retry shortly", kind="server_error",
+                                 code="overloaded"))
+            return
+        try:
+            if req.stream:
+                self._stream(job, req, len(prompt), chat)
+            else:
+                self._whole(job, req, len(prompt), chat)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout, queue.Empty):
+            self.close_connection = True
+        finally:
+            job.cancel()  # a no-op once it is done; otherwise frees its batch row
+
+    def _whole(self, job, req, prompt_tokens: int, chat: bool) -> None:
+        pieces, last = [], None
+        for event in job.stream(timeout=REPLY_TIMEOUT):
+            pieces.append(event.text)
+            last = event
+        if last.error:
+            self._error(ApiError(500, last.error, kind="server_error"))
+            return
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        self._json(200, completion_body(rid, req.model, "".join(pieces), last.finish_reason, prompt_tokens,
+                                        last.completion_tokens, chat))
+
+    def _stream(self, job, req, prompt_tokens: int, chat: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the body ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        rid, created = new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+
+        def send(obj: dict | str) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        if chat:
+            send(chunk_body(rid, req.model, created, None, None, chat, role=True))
+        for event in job.stream(timeout=REPLY_TIMEOUT):
+            if event.error:
+                send({"error": ApiError(500, event.error, kind="server_error").body()["error"]})
+                break
+            if event.text:
+                send(chunk_body(rid, req.model, created, event.text, None, chat))
+            if event.finish_reason:
+                send(chunk_body(rid, req.model, created, None if chat else "", event.finish_reason, chat))
+                if req.include_usage:
+                    send(usage_chunk(rid, req.model, created, prompt_tokens, event.completion_tokens, chat))
+        send("[DONE]")
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    verbose = False
+
+    def __init__(self, address, handler, app: App):
+        super().__init__(address, handler)
+        self.app = app
+
+
+def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
+                max_batch: int = 8, max_queue: int = 64) -> Server:
+    """A server bound to (host, port) with its engine started; port 0 picks a free one. Call
+    `serve_forever()` (e.g. in a thread), then `shutdown()` and `app.engine.stop()`."""
+    app = App(model, tokenizer, model_id, max_batch, max_queue)
+    try:
+        server = Server((host, port), Handler, app)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    app.engine.start()
+    return server
+
+
+def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
+          model_id: str | None = None, max_batch: int = 8, verbose: bool = False) -> None:
+    """Load a checkpoint and serve it until Ctrl-C."""
+    from scratchlm.loading import load
+    from scratchlm.train.loop import pick_device
+
+    loaded = load(checkpoint, pick_device(device))
+    name = model_id or loaded.checkpoint.parent.parent.name
+    server = make_server(loaded.model, loaded.tokenizer, name, host, port, max_batch)
+    server.verbose = verbose
+    where = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}"
+    print(f"serving {name} (context {loaded.model.config.context}) at {where}/  (OpenAI API at {where}/v1)",
+          flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print("note: listening beyond this machine; there is no authentication", file=sys.stderr, flush=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.5)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        server.shutdown()
+        server.server_close()
+        server.app.engine.stop()
