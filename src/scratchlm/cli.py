@@ -51,17 +51,9 @@ def cmd_tokenizer_train(a):
 
 
 def cmd_tokenizer_encode(a):
-    from scratchlm.data.shards import encode_corpus
-    from scratchlm.data.sources import get_dataset
-    from scratchlm.tokenizer import Tokenizer
+    from scratchlm.data.shards import encode_sources
 
-    tok = Tokenizer.load(Path(a.tokenizer))
-    splits: dict[str, list[Path]] = {"train": [], "val": []}
-    for source in a.input:
-        split = get_dataset(source)
-        splits["train"].append(split.train)
-        splits["val"].append(split.val)
-    meta = encode_corpus(tok, Path(a.tokenizer), splits, Path(a.out))
+    meta = encode_sources(Path(a.tokenizer), a.input, Path(a.out), a.workers)
     for name, s in meta["splits"].items():
         print(f"{name}: {s['tokens']:,} tokens from {s['bytes']:,} bytes ({s['bytes'] / max(1, s['tokens']):.2f} bytes/token)")
     print(f"shards written to {a.out}")
@@ -98,29 +90,54 @@ def cmd_generate(a):
     sys.stdout.write("\n")
 
 
+def cmd_chat(a):
+    from scratchlm.chat.terminal import DEFAULTS, chat, parse_params
+
+    params = parse_params(DEFAULTS, [f"{k}={v}" for k, v in (
+        ("max_new_tokens", a.max_new_tokens), ("temperature", a.temperature), ("top_k", a.top_k),
+        ("top_p", a.top_p), ("min_p", a.min_p), ("repetition_penalty", a.repetition_penalty),
+        ("seed", a.seed)) if v is not None])
+    chat(a.checkpoint, a.device, a.system, params)
+
+
+def cmd_serve(a):
+    from scratchlm.serve.server import serve
+
+    serve(a.checkpoint, a.host, a.port, a.device, a.model_name, a.max_batch, a.verbose)
+
+
 def cmd_eval(a):
-    import torch
+    from scratchlm.eval.lm import run_eval
 
-    from scratchlm.data.shards import encode_corpus, open_split
-    from scratchlm.data.sources import cache_dir, get_dataset
-    from scratchlm.eval.metrics import evaluate
-    from scratchlm.loading import load
+    run_eval(a)
+
+
+def cmd_rate(a):
+    from scratchlm.eval.rate import format_summary, rate, summarize
+
+    if a.summary:
+        print(format_summary(summarize(Path(a.summary))))
+    elif not a.prompts:
+        raise UserError("give --prompts FILE (and --checkpoint A --checkpoint B ...), or --summary ratings.csv")
+    else:
+        rate(a.checkpoint or [], Path(a.prompts), Path(a.out), seed=a.seed, max_new_tokens=a.max_new_tokens,
+             temperature=a.temperature, top_k=a.top_k, device=a.device)
+
+
+def cmd_attention(a):
     from scratchlm.train.loop import pick_device
+    from scratchlm.viz.attention import plot_checkpoint_attention
 
-    device = pick_device(a.device)
-    loaded = load(a.checkpoint, device)
-    source = a.data or loaded.config.data.dataset
-    split = get_dataset(source)
-    shard_dir = cache_dir() / "eval" / loaded.checkpoint.parent.parent.name / Path(str(split.val)).parent.name
-    encode_corpus(loaded.tokenizer, loaded.checkpoint.parent.parent / "tokenizer", {"val": [split.val]}, shard_dir)
-    for context in a.context or [loaded.config.model.context]:
-        if context > loaded.config.model.context and loaded.config.model.position == "learned":
-            print(f"context {context}: learned positions stop at {loaded.config.model.context}; skipped")
-            continue
-        row = evaluate(loaded.model, open_split(shard_dir, "val"), torch.tensor(loaded.tokenizer.token_byte_lengths()),
-                       context=context, batch=a.batch, device=device)
-        print(f"{source} val, context {context}: loss {row['val_loss']:.4f}, perplexity {row['val_ppl']:.2f}, "
-              f"bits per byte {row['val_bpb']:.4f} ({row['val_tokens']:,} tokens)")
+    path, n = plot_checkpoint_attention(a.checkpoint, a.prompt, Path(a.out), a.layer, pick_device(a.device))
+    print(f"wrote {path} ({n} tokens)")
+
+
+def cmd_sweep(a):
+    from scratchlm.sweep import run_sweep
+
+    run_sweep(a.config, a.grid, a.out, minutes=a.minutes, steps=a.steps, sets=a.set, contexts=a.context or (),
+              eval_tokens=a.eval_tokens, jobs=a.jobs, command="scratchlm " + " ".join(sys.argv[1:]))
+    print(f"wrote {Path(a.out) / 'sweep.md'} and {Path(a.out) / 'sweep.png'}")
 
 
 def cmd_plot(a):
@@ -146,6 +163,14 @@ def cmd_model_info(a):
 
     cfg = load_config(a.config).model if a.config else preset_config(a.preset)
     print(describe(cfg))
+
+
+def cmd_convert(a):
+    from scratchlm.convert import convert
+
+    for note in convert(a.src, a.dst, a.to, a.dtype, a.tokenizer):
+        print(f"note: {note}")
+    print(f"wrote {a.dst} ({a.to})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = tok.add_parser("encode", help="encode datasets or text files into train/val token shards")
     s.add_argument("--tokenizer", required=True, help="tokenizer folder")
     s.add_argument("--input", nargs="+", required=True, help="dataset names or paths (split 90/10)")
-    s.add_argument("--out", required=True, help="shard folder to write")
+    s.add_argument("--out", required=True, help="shard folder to write (rerun the same command to resume)")
+    s.add_argument("--workers", type=int, help="encoding processes (default: all CPUs)")
     s.set_defaults(func=cmd_tokenizer_encode)
 
     s = sub.add_parser("pretrain", help="pretrain a model from a TOML recipe")
@@ -199,13 +225,79 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-escapes", dest="escapes", action="store_false", help="take \\n in the prompt literally")
     s.set_defaults(func=cmd_generate)
 
-    s = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a checkpoint")
-    s.add_argument("--checkpoint", required=True)
+    s = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streaming, multi-turn)")
+    s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    s.add_argument("--system", default="", help="system message")
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_chat)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page for a checkpoint")
+    s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--model-name", help="model id in the API (default: the run folder's name)")
+    s.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
+    s.add_argument("--device", default="auto")
+    s.add_argument("--verbose", action="store_true", help="log every request")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("eval", help="loss, perplexity and bits per byte; task scores; an n-gram baseline")
+    s.add_argument("--checkpoint", help="run folder or checkpoint folder")
     s.add_argument("--data", help="dataset name or path (default: the run's own)")
     s.add_argument("--context", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 256,512,1024")
+    s.add_argument("--max-tokens", type=int, default=0, help="score only the first N validation tokens (0: all)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--device", default="auto")
+    s.add_argument("--task", metavar="FILE.jsonl", help="Q&A / instruction (generated, scored) or multiple-choice file")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="with --task: the longest answer")
+    s.add_argument("--limit", type=int, default=0, help="with --task: only the first N examples")
+    s.add_argument("--out", help="with --task: write each example's result to this JSONL file")
+    s.add_argument("--baseline", choices=["ngram"], help="score an n-gram model instead of a checkpoint")
+    s.add_argument("--order", type=int, default=3, help="with --baseline ngram: n (default 3)")
+    s.add_argument("--discount", type=float, help="with --baseline ngram: a fixed Kneser-Ney discount in (0, 1]")
+    s.add_argument("--tokenizer", help="with --baseline ngram: tokenizer folder (default: the --checkpoint run's)")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("rate", help="blind human ratings of samples from several checkpoints; their summary")
+    s.add_argument("--checkpoint", action="append", help="a run to compare (repeat for each)")
+    s.add_argument("--prompts", help="text file, one prompt per line (or .jsonl with a 'prompt' field)")
+    s.add_argument("--out", default="ratings.csv", help="CSV the ratings are appended to (default ratings.csv)")
+    s.add_argument("--summary", metavar="CSV", help="print each checkpoint's mean and spread instead")
+    s.add_argument("--seed", type=int, default=0, help="fixes the shuffled order and the samples")
+    s.add_argument("--max-new-tokens", type=int, default=80)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_rate)
+
+    s = sub.add_parser("attention", help="attention maps of every layer and head for a prompt, as a PNG grid")
+    s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--out", default="attention.png", help="PNG, SVG or PDF file")
+    s.add_argument("--layer", type=int, help="only this layer (0 is the first)")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(func=cmd_attention)
+
+    s = sub.add_parser("sweep", help="train every combination of a grid of config values; table and plot")
+    s.add_argument("--config", required=True, help="base recipe")
+    s.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...", help="repeat for more keys")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--minutes", type=float, help="training budget of each run")
+    g.add_argument("--steps", type=int, help="training steps of each run")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override for every run")
+    s.add_argument("--out", required=True, help="sweep folder: one run folder per combination, sweep.md, sweep.png")
+    s.add_argument("--context", type=lambda v: [int(x) for x in v.split(",")],
+                   help="also evaluate each run at these context lengths (extrapolation table)")
+    s.add_argument("--eval-tokens", type=int, default=0, help="with --context: validation tokens to score (0: all)")
+    s.add_argument("--jobs", type=int, help="runs at a time, as subprocesses (default: one per GPU, else 1)")
+    s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("plot", help="loss, bits-per-byte, lr and grad-norm curves of one or more runs")
     s.add_argument("runs", nargs="*", help="run folders")
@@ -221,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset")
     g.add_argument("--config")
     s.set_defaults(func=cmd_model_info)
+
+    s = sub.add_parser("convert", help="convert between run folders, Hugging Face folders and GGUF files")
+    s.add_argument("src", help="a run or checkpoint folder, a Hugging Face folder (Llama, GPT-2) or a .gguf file")
+    s.add_argument("dst", help="folder (hf, scratchlm) or .gguf file to write")
+    s.add_argument("--to", required=True, choices=["hf", "scratchlm", "gguf"])
+    s.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="weights (q8_0: GGUF only)")
+    s.add_argument("--tokenizer", help="a scratchlm tokenizer folder to use instead of the source's")
+    s.set_defaults(func=cmd_convert)
     return p
 
 
