@@ -3,7 +3,8 @@ docs/experiments.md.
 
     python bench/experiments.py                    # every ablation, 1 minute of training per run
     python bench/experiments.py --minutes 2        # longer runs
-    python bench/experiments.py --only positions   # one ablation (positions, activations, tying, lr, ngram)
+    python bench/experiments.py --steps 100        # equal steps instead of equal time (fair on a busy machine)
+    python bench/experiments.py --only positions   # one ablation (positions, activations, tying, lr, seeds, ngram)
     python bench/experiments.py --fill-only        # rewrite the document from the sweeps already on disk
 
 Each ablation is one `scratchlm sweep` over the demo recipe (the `tiny` preset, 4096-token BPE), run as a
@@ -38,6 +39,8 @@ ABLATIONS = {
     "activations": (["model.mlp=gelu,relu,silu,swiglu"], []),
     "tying": (["model.tie_embeddings=true,false"], []),
     "lr": (["train.lr=3e-4,1e-3,3e-3,1e-2"], []),
+    # The demo configuration again under other seeds: the spread of these is the noise floor.
+    "seeds": (["train.seed=1,2"], []),
 }
 NGRAM_ORDERS = (2, 3, 4, 5)
 # The demo recipe's own choices; every sweep holds a run with exactly these, a measure of run-to-run noise.
@@ -48,12 +51,13 @@ BASELINE = {"model.position": "rope", "model.mlp": "swiglu", "model.tie_embeddin
 COMMON = ["--set", "train.warmup_steps=10"]
 
 
-def sweep_command(name: str, minutes: float, out_root: Path) -> list[str]:
+def sweep_command(name: str, budget: list[str], out_root: Path) -> list[str]:
+    """`budget` is ["--minutes", M] (equal time) or ["--steps", N] (equal steps, whatever the load)."""
     grid, extra = ABLATIONS[name]
     cmd = ["scratchlm", "sweep", "--config", RECIPE]
     for g in grid:
         cmd += ["--grid", g]
-    return cmd + ["--minutes", f"{minutes:g}", *COMMON, *extra, "--out", str(out_root / name)]
+    return cmd + [*budget, *COMMON, *extra, "--out", str(out_root / name)]
 
 
 def run(cmd: list[str]) -> None:
@@ -124,18 +128,18 @@ def _noise(results: dict) -> str:
     values = []
     for data in results.values():
         for r in data["runs"]:
-            if r["status"] == "done" and all(v == BASELINE.get(k, v) for k, v in r["values"].items()):
+            if r["status"] == "done" and all(v == BASELINE.get(k, v) for k, v in r["values"].items()
+                                             if k != "train.seed"):
                 values.append((r["name"], r["val_bpb"], r["tokens"]))
     if len(values) < 2:
         return ""
     bpbs = [v[1] for v in values]
-    return (f"The demo configuration (rope, swiglu, tied, lr 3e-3) ran {len(values)} times, once per sweep: "
-            f"{', '.join(f'{b:.4f}' for b in bpbs)} bpb (range {max(bpbs) - min(bpbs):.4f}). Differences "
-            f"smaller than that range are within run-to-run noise (timing decides how many steps a "
-            f"budget buys).")
+    return (f"The demo configuration (rope, swiglu, tied, lr 3e-3) ran {len(values)} times (once per sweep, "
+            f"and under seeds 1 and 2): {', '.join(f'{n} {b:.4f}' for n, b, _ in values)} bpb (range "
+            f"{max(bpbs) - min(bpbs):.4f}). Differences smaller than that range are within run-to-run noise.")
 
 
-def fill(out_root: Path, minutes: float, ngram: dict) -> None:
+def fill(out_root: Path, budget: list[str], ngram: dict) -> None:
     doc = DOC.read_text()
     results = {n: json.loads((out_root / n / "sweep.json").read_text())
                for n in ABLATIONS if (out_root / n / "sweep.json").is_file()}
@@ -148,11 +152,13 @@ def fill(out_root: Path, minutes: float, ngram: dict) -> None:
         doc = pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), doc)
 
     stamp = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {_cores()} cores, "
-             f"`--minutes {minutes:g}` per run, by `python bench/experiments.py`.")
+             f"`{' '.join(budget)}` per run, by `python bench/experiments.py {' '.join(budget)}`.")
     replace("machine", stamp)
     for name in ABLATIONS:
+        if name == "seeds":  # reported in the noise floor
+            continue
         if name in results:
-            body = "\n".join(["```", shlex.join(sweep_command(name, minutes, out_root)), "```", "",
+            body = "\n".join(["```", shlex.join(sweep_command(name, budget, out_root)), "```", "",
                               _sweep_tables(out_root / name), "", *(f"- {s}" for s in _summary(name, results[name])),
                               "", f"Curves: `{out_root / name / 'sweep.png'}`."])
         else:
@@ -184,7 +190,9 @@ def _cores() -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--minutes", type=float, default=1.0, help="training budget of each run (default 1)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--minutes", type=float, help="training budget of each run (default 1)")
+    g.add_argument("--steps", type=int, help="training steps of each run instead: equal steps, whatever the load")
     p.add_argument("--only", help=f"comma-separated subset of {', '.join([*ABLATIONS, 'ngram'])}")
     p.add_argument("--out", default="runs/experiments", help="where the sweeps go (default runs/experiments)")
     p.add_argument("--fill-only", action="store_true", help="only rewrite the document from results on disk")
@@ -197,14 +205,15 @@ def main() -> None:
     unknown = [c for c in chosen if c not in ABLATIONS and c != "ngram"]
     if unknown:
         raise SystemExit(f"--only {','.join(unknown)}: choose from {', '.join([*ABLATIONS, 'ngram'])}")
+    budget = ["--steps", str(a.steps)] if a.steps else ["--minutes", f"{a.minutes or 1.0:g}"]
     start = time.perf_counter()
     if not a.fill_only:
         for name in ABLATIONS:
             if name in chosen:
-                run(sweep_command(name, a.minutes, out_root))
+                run(sweep_command(name, budget, out_root))
     ngram = ngram_results(out_root) if "ngram" in chosen and not a.fill_only else \
         (json.loads((out_root / "ngram.json").read_text()) if (out_root / "ngram.json").is_file() else {})
-    fill(out_root, a.minutes, ngram)
+    fill(out_root, budget, ngram)
     print(f"total {(time.perf_counter() - start) / 60:.1f} minutes")
 
 

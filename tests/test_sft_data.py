@@ -74,7 +74,7 @@ def test_every_format_becomes_the_expected_chat(tmp_path):
     (['{"text": "hello"}'], r"line 1: cannot tell the format from the fields \(text\)"),
     (['[1, 2]'], r"line 1: expected a JSON object"),
     (['{"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]}'],
-     r"line 1: field 'messages\[1\]\.role' is 'robot'"),
+     r"line 1: messages\[1\]: field 'role' is 'robot'"),
     (['{"messages": [{"role": "user", "content": "a"}]}'], r"line 1: field 'messages' has no assistant message"),
     (['{"instruction": "i", "output": "o"}', '{"instruction": "i", "input": 3, "output": "o"}'],
      r"line 2: field 'input' must be text"),

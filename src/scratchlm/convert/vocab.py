@@ -9,25 +9,10 @@ from pathlib import Path
 
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.gpt2 import bytes_to_unicode
+from scratchlm.tokenizer.gpt2 import spell, unspell
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
-
-_TO_CHAR = bytes_to_unicode()
-_TO_BYTE = {c: b for b, c in _TO_CHAR.items()}
-
-
-def spell(data: bytes) -> str:
-    return "".join(_TO_CHAR[b] for b in data)
-
-
-def unspell(token: str) -> bytes | None:
-    """The bytes a GPT-2-spelled token stands for, or None when it is not spelled that way."""
-    try:
-        return bytes(_TO_BYTE[c] for c in token)
-    except KeyError:
-        return None
 
 
 def build_tokenizer(tokens: list[str], merges: list[str], special: set[int], source: str) -> tuple[Tokenizer, str]:

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchlm.chat.template import ROLES
+from scratchlm.chat.template import ROLES, check_messages
 from scratchlm.errors import UserError
 
 SUMMARY_PROMPT = "Summarize this dialogue:"
@@ -68,21 +68,7 @@ def _text(record: Mapping, field: str, where: str, required: bool = True) -> str
 
 
 def _messages(record: Mapping, where: str) -> list[dict[str, str]]:
-    msgs = record.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: field 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
-    out = []
-    for i, m in enumerate(msgs):
-        at = f"{where}: field 'messages[{i}]"
-        if not isinstance(m, Mapping):
-            raise UserError(f"{at}' must be an object with 'role' and 'content'")
-        role = m.get("role")
-        if role not in ROLES:
-            raise UserError(f"{at}.role' is {role!r}; expected one of {', '.join(ROLES)}")
-        content = m.get("content")
-        if not isinstance(content, str):
-            raise UserError(f"{at}.content' must be text, not {type(content).__name__ if content is not None else 'missing'}")
-        out.append({"role": role, "content": content})
+    out = check_messages(record.get("messages"), where)
     if not any(m["role"] == "assistant" and m["content"].strip() for m in out):
         raise UserError(f"{where}: field 'messages' has no assistant message with text, so nothing to learn")
     return out

@@ -20,18 +20,27 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+_TO_CHAR = bytes_to_unicode()
+_TO_BYTE = {c: b for b, c in _TO_CHAR.items()}
+
+
+def spell(data: bytes) -> str:
+    """Bytes in GPT-2's printable byte alphabet, as byte-level vocabularies store them."""
+    return "".join(_TO_CHAR[b] for b in data)
+
+
+def unspell(token: str) -> bytes | None:
+    """The bytes a GPT-2-spelled token stands for, or None when it is not spelled that way."""
+    try:
+        return bytes(_TO_BYTE[c] for c in token)
+    except KeyError:
+        return None
+
+
 def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike):
     """(vocab id -> bytes, merges, specials str -> id) from `encoder.json`/`vocab.json` and
     `vocab.bpe`/`merges.txt`. Entries that are neither single bytes nor made by a merge
     (`<|endoftext|>`) are the special tokens."""
-    decoder = {c: b for b, c in bytes_to_unicode().items()}
-
-    def to_bytes(token: str) -> bytes | None:
-        try:
-            return bytes(decoder[c] for c in token)
-        except KeyError:
-            return None
-
     try:
         with open(vocab_path, encoding="utf-8") as f:
             encoder = json.load(f)
@@ -46,14 +55,14 @@ def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLik
         if not line.strip() or line.startswith("#version"):
             continue
         parts = line.split(" ")
-        pair = tuple(to_bytes(p) for p in parts)
+        pair = tuple(unspell(p) for p in parts)
         if len(parts) != 2 or None in pair:
             raise UserError(f"{merges_path}:{n}: not a GPT-2 merge line: {line!r}")
         merges.append(pair)
     made = {a + b for a, b in merges}
     vocab, specials = {}, {}
     for token, i in encoder.items():
-        b = to_bytes(token)
+        b = unspell(token)
         if b is None or (len(b) > 1 and b not in made):
             specials[token] = i
             b = token.encode("utf-8")

@@ -28,26 +28,10 @@ import unicodedata
 from collections.abc import Mapping
 
 from scratchlm.errors import UserError
-from scratchlm.tokenizer.gpt2 import bytes_to_unicode
+from scratchlm.tokenizer.gpt2 import spell, unspell
 from scratchlm.tokenizer.tokenizer import BEFORE_LOWER
 
-_TO_CHAR = bytes_to_unicode()
-_TO_BYTE = {c: b for b, c in _TO_CHAR.items()}
-
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-
-
-def spell(data: bytes) -> str:
-    """Bytes in GPT-2's printable byte alphabet, as byte-level vocabularies store them."""
-    return "".join(_TO_CHAR[b] for b in data)
-
-
-def unspell(token: str) -> bytes | None:
-    """The bytes a GPT-2-spelled token stands for, or None when it is not spelled that way."""
-    try:
-        return bytes(_TO_BYTE[c] for c in token)
-    except KeyError:
-        return None
 
 
 # ----------------------------------------------------------------------------- uncased normalizer
