@@ -72,6 +72,17 @@ def cmd_pretrain(a):
               f"bits per byte {result['val_bpb']:.4f}; run folder {out}")
 
 
+def cmd_sft(a):
+    from scratchlm.config import load_config
+    from scratchlm.sft.train import finetune, summary
+
+    overrides = list(a.set) + (["train.resume=auto"] if a.resume else [])
+    out = Path(a.out) if a.out else Path("runs") / f"{Path(a.config).stem}-sft"
+    line = summary(finetune(load_config(a.config, overrides), out), out)
+    if line:
+        print(line)
+
+
 def cmd_generate(a):
     from scratchlm.infer.generate import SamplingParams, stream, stream_text
     from scratchlm.loading import load
@@ -212,6 +223,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     s.add_argument("--resume", action="store_true", help="continue the run in --out")
     s.set_defaults(func=cmd_pretrain)
+
+    s = sub.add_parser("sft", help="fine-tune a base model into a chat model ([sft] section of a recipe)")
+    s.add_argument("--config", required=True, help="recipe with an [sft] section, e.g. recipes/chat-cpu.toml")
+    s.add_argument("--out", help="run folder (default runs/<recipe name>-sft)")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. sft.init=runs/base or sft.train.lr=3e-4")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out")
+    s.set_defaults(func=cmd_sft)
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")

@@ -1,7 +1,8 @@
 """Run configuration: dataclasses, TOML recipes, `--set section.key=value` overrides and model presets.
 
-A recipe has three tables, `[data]`, `[model]` and `[train]`. `model.preset` names a preset whose values
-the other `[model]` keys then override. The resolved config (every field, no preset left to look up) is
+A recipe has three tables, `[data]`, `[model]` and `[train]`, and a fourth, `[sft]`, for fine-tuning into a
+chat model (`scratchlm sft`). `model.preset` names a preset whose values the other `[model]` keys then
+override. The resolved config (every field, no preset left to look up) is
 written into each run folder, so a run can always be repeated.
 """
 from __future__ import annotations
@@ -137,10 +138,47 @@ class TrainConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (`scratchlm sft`). The model and tokenizer come from `init`, so `[model]` and
+    `[data]` describe the base model only; `[train]` applies, with the keys of `[sft.train]` over it, so
+    one recipe can pretrain and fine-tune with different learning rates and budgets."""
+    init: str = ""                   # run or checkpoint folder to start from (scratchlm's, or `convert --to scratchlm`)
+    sources: list[str | dict] = field(default_factory=lambda: ["chatterbot"])  # SOURCE[*WEIGHT] or {source=..., ...}
+    persona: str = "off"             # off | on | a .toml/.json file with name, about, creator, extra
+    persona_name: str = ""           # with persona = "on"; "": the Persona defaults (Pip, ...)
+    persona_about: str = ""
+    persona_creator: str = ""
+    persona_weight: float = 3.0      # times each persona pair is seen per epoch, unless sources lists persona*W
+    val_fraction: float = 0.1        # of each local or hf: source held out (named datasets keep their own split)
+    pack: bool = True                # several examples per row (faster); false: one per row
+    epochs: float = 0.0              # > 0: sets train.max_steps to this many passes over the mixture
+    eval_examples: int = 200         # held-out conversations answered greedily at the end (0: none)
+    eval_max_new_tokens: int = 64
+    train: dict[str, object] = field(default_factory=dict)   # [train] values for this stage (lr, minutes, ...)
+
+    def validate(self) -> None:
+        from scratchlm.sft.data import parse_source  # the SFT package imports torch: only when a config is built
+
+        for spec in self.sources:
+            try:
+                parse_source(spec)
+            except UserError as e:
+                raise UserError(f"sft.sources: {e}") from None
+        if not 0 <= self.val_fraction < 1:
+            raise UserError(f"sft.val_fraction = {self.val_fraction} must be at least 0 and below 1")
+        for key in ("persona_weight", "epochs"):
+            if getattr(self, key) < 0:
+                raise UserError(f"sft.{key} = {getattr(self, key)} must not be negative")
+        if self.eval_examples < 0 or self.eval_max_new_tokens < 1:
+            raise UserError("sft.eval_examples must be >= 0 and sft.eval_max_new_tokens >= 1")
+
+
+@dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -151,7 +189,7 @@ class RunConfig:
         atomic_write_text(path, tomli_w.dumps(self.to_dict()))
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "sft": SFTConfig}
 
 
 def _coerce(section: str, key: str, value, kind, source: str):
@@ -159,9 +197,16 @@ def _coerce(section: str, key: str, value, kind, source: str):
     name = f"{section}.{key}"
     origin = typing.get_origin(kind)
     if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{source}: {name} must be a list of strings, got {value!r}")
+        item = typing.get_args(kind)[0]
+        allowed = typing.get_args(item) or (item,)    # list[str | dict] allows either
+        if not isinstance(value, list) or not all(isinstance(v, allowed) for v in value):
+            what = " or ".join({str: "strings", dict: "tables"}[t] for t in allowed)
+            raise UserError(f"{source}: {name} must be a list of {what}, got {value!r}")
         return list(value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{source}: {name} must be a table, got {value!r}")
+        return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool) \
@@ -210,16 +255,27 @@ def build_config(table: dict, overrides: list[str] = (), source: str = "config")
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise UserError(f"--set {text}: unknown section {section}{_nearest(section, SECTIONS)}")
-        sets[section][key] = value
+        head, dot, rest = key.partition(".")
+        if dot and typing.get_origin(typing.get_type_hints(SECTIONS[section]).get(head)) is dict:
+            # `--set sft.train.lr=1e-4`: one key of a table, the others kept
+            sets[section][head] = {**sets[section].get(head, {}), rest: value}
+        else:
+            sets[section][key] = value
     preset = sets["model"].get("preset", "")
     if preset:
         if preset not in PRESETS:
             raise UserError(f"{source}: unknown model.preset {preset!r}{_nearest(preset, PRESETS)}; "
                             f"known: {', '.join(PRESETS)}")
         _apply(cfg.model, "model", PRESETS[preset], source)
+    where = source if not overrides else f"{source} / --set"
     for name, values in sets.items():
-        _apply(getattr(cfg, name), name, values, source if not overrides else f"{source} / --set")
+        _apply(getattr(cfg, name), name, values, where)
     cfg.model.validate()
+    # [sft.train] is checked as [train] is, so a misspelt key fails here and not after pretraining.
+    checked = TrainConfig()
+    _apply(checked, "sft.train", cfg.sft.train, where)
+    cfg.sft.train = {key: getattr(checked, key) for key in cfg.sft.train}
+    cfg.sft.validate()
     return cfg
 
 
