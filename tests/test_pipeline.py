@@ -118,6 +118,30 @@ def test_time_budget_sizes_the_schedule(play_text, tmp_path):
     assert lrs[-1] < 0.2 * max(lrs)  # the cosine reached its floor: the schedule ended with the budget
 
 
+def test_time_budget_holds_when_the_machine_slows_down(play_text, tmp_path, monkeypatch):
+    """Steps become several times slower after the schedule was first sized (another process took the
+    cores): the run must still end on its budget with its learning rate decayed, not be cut off mid-way."""
+    import time
+
+    from scratchlm.data import loader
+
+    calls, original = [0], loader.RandomWindows.next_batch
+
+    def slower(self):
+        calls[0] += 1
+        if calls[0] > 40:
+            time.sleep(0.01)
+        return original(self)
+
+    monkeypatch.setattr(loader.RandomWindows, "next_batch", slower)
+    run = tmp_path / "run"
+    pretrain(small_config(play_text, "train.minutes=0.05", "train.eval_every=0"), run, progress=False)
+    seconds = [r["seconds"] for r in rows(run) if "seconds" in r]
+    lrs = [r["lr"] for r in rows(run) if "lr" in r]
+    assert 0.05 * 60 * 0.7 < seconds[-1] < 0.05 * 60 * 1.2
+    assert lrs[-1] < 0.2 * max(lrs)
+
+
 def test_an_existing_run_is_not_overwritten(play_text, tmp_path):
     run = tmp_path / "run"
     pretrain(small_config(play_text, "train.max_steps=2"), run, progress=False)

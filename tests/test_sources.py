@@ -361,9 +361,12 @@ def fake_wheels(tmp_path: Path, monkeypatch, n_chats: int = 20) -> None:
 def test_dialogue_sets_from_wheels(tmp_path, monkeypatch):
     fake_wheels(tmp_path, monkeypatch)
     train, val = read_split(sources.get_dataset("chitchat", progress=False))
-    assert train.decode().count("\n\n") == 18 and val == b"hi 18\nhello 18\n\nhi 19\nhello 19\n\n"
+    # every tenth conversation is held out, so that val spans the whole set rather than its last topic
+    assert train.decode().count("\n\n") == 18 and val == b"hi 9\nhello 9\n\nhi 19\nhello 19\n\n"
     val_recs = sources.load_records("chitchat", split="val", progress=False)
-    assert [r["messages"][0]["content"] for r in val_recs] == ["hi 18", "hi 19"]
+    assert [r["messages"][0]["content"] for r in val_recs] == ["hi 9", "hi 19"]
+    train_recs = sources.load_records("chitchat", split="train", progress=False)
+    assert [r["messages"][0]["content"] for r in train_recs] == [f"hi {i}" for i in range(20) if i not in (9, 19)]
     assert len(sources.load_records("chitchat", progress=False)) == 20
 
     train, val = read_split(sources.get_dataset("chatterbot", progress=False))
@@ -416,6 +419,8 @@ def test_real_dialogue_packages(shared_cache, monkeypatch):
     assert roles[:4] == ["user", "assistant", "user", "assistant"]
     pairs = sources.load_records("chatterbot", progress=False)
     assert {"ai", "greetings", "trivia"} <= {p["category"] for p in pairs}
+    held_out = {p["category"] for p in sources.load_records("chatterbot", split="val", progress=False)}
+    assert len(held_out) >= 10  # the held-out pairs come from across the topics, not from the last file
     assert all(p["question"] and p["answer"] for p in pairs)
     for name in ("chitchat", "chatterbot"):
         split = sources.get_dataset(name, progress=False)

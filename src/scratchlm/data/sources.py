@@ -306,9 +306,28 @@ def _dialogue_units(name: str, root: Path, progress: bool) -> list[Unit]:
     return parse(_pip_fetch(spec, root, sdist=False, progress=progress))
 
 
+VAL_EVERY = 10
+# Written beside a dialogue set's split files: a cache made under an older rule is built again.
+DIALOGUE_SPLIT = "val: every 10th conversation\n"
+
+
+def _dialogue_val(n: int, label: str) -> set[int]:
+    """Every tenth conversation is held out (the last of each ten; of a set under ten, the last one). The
+    packages list conversations topic by topic, so a tail cut would hold out one topic (chatterbot's
+    trivia) and score a chat model on nothing it was taught to talk about."""
+    if n < 2:
+        raise UserError(f"{label} has {n} conversation(s); need at least 2 to split into train and val")
+    every = min(VAL_EVERY, n)
+    return {i for i in range(n) if i % every == every - 1}
+
+
 def _build_dialogues(name: str, train_f: BinaryIO, val_f: BinaryIO, root: Path, progress: bool) -> None:
     units = _dialogue_units(name, root, progress)
-    _split_records(lambda: (text for text, _ in units), train_f, val_f, name)
+    val = _dialogue_val(len(units), name)
+    for i, (text, _) in enumerate(units):
+        out = val_f if i in val else train_f
+        out.mark_document()
+        out.write((text if text.endswith("\n") else text + "\n").encode("utf-8", "replace"))
 
 
 # looked up at call time, so tests can swap a builder and count its calls
@@ -329,8 +348,8 @@ def load_records(name: str, *, split: str | None = None, cache: str | os.PathLik
     if split not in (None, "train", "val"):
         raise UserError(f"split must be 'train', 'val' or None, not {split!r}")
     units = _dialogue_units(name, Path(cache).expanduser() if cache else cache_dir(), progress)
-    cut = _cut(len(units), name)
-    chosen = units if split is None else units[:cut] if split == "train" else units[cut:]
+    val = _dialogue_val(len(units), name)
+    chosen = [u for i, u in enumerate(units) if split is None or (i in val) == (split == "val")]
     return [rec for _, recs in chosen for rec in recs]
 
 
@@ -498,10 +517,16 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
                         f"Known: {', '.join(DATASETS)}; or {_HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
     dest = root / "datasets" / name
     train, val = dest / "train.txt", dest / "val.txt"
-    # A folder made before document offsets were recorded lacks the .docs files: it is built again.
-    if not all(p.is_file() for p in (train, val, train.with_suffix(DOCS_SUFFIX), val.with_suffix(DOCS_SUFFIX))):
+    rule = DIALOGUE_SPLIT if spec in _DIALOGUES else None
+    marker = dest / "split.txt"
+    # A folder made before document offsets were recorded lacks the .docs files, and one split under
+    # another rule has another split.txt: either is built again.
+    if not all(p.is_file() for p in (train, val, train.with_suffix(DOCS_SUFFIX), val.with_suffix(DOCS_SUFFIX))) or \
+            (rule and not (marker.is_file() and marker.read_text() == rule)):
         _say(progress, f"preparing {spec} in {dest}")
         _materialise(dest, build)
+        if rule:
+            marker.write_text(rule)
     return DataSplit(name, train, val, train.stat().st_size, val.stat().st_size)
 
 

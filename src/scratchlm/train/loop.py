@@ -260,6 +260,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     if not tc.max_steps and not budget:
         raise UserError("set train.max_steps or train.minutes (or both) so the run knows when to stop")
     start_step, calibrate_from = state["step"], None
+    resize_at = start_step + CALIBRATE_AFTER
     bar = tqdm(total=state["total_steps"] or None, initial=state["step"], desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     bad_steps, window_tokens, window_time = 0, 0, 0.0
@@ -317,16 +318,20 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
             window_time += dt
             step = state["step"]
 
-            if budget and not tc.max_steps and not state["total_steps"]:
-                # Size the schedule to the budget from the measured step time (the first steps are
-                # slower while allocators and caches warm up, so they are left out).
-                if step == start_step + 3:
-                    calibrate_from = (step, state["train_seconds"])
-                elif calibrate_from and step == start_step + CALIBRATE_AFTER:
-                    per_step = (state["train_seconds"] - calibrate_from[1]) / (step - calibrate_from[0])
-                    per_step = dist.mean_across(torch.tensor(per_step, dtype=torch.float64), d).item()
-                    state["total_steps"] = step + max(1, int((budget - state["train_seconds"]) / per_step))
-                    bar.total = state["total_steps"]
+            if budget and not tc.max_steps and calibrate_from and step == resize_at:
+                # Size the schedule to the time left from the step time measured since the last sizing, and
+                # size it again as the run goes (each time a quarter of the steps left have passed), so
+                # that a machine that gets busier or quieter still ends the run on its budget. Decided by
+                # step number, so every process takes part in the same collective.
+                per_step = (state["train_seconds"] - calibrate_from[1]) / (step - calibrate_from[0])
+                per_step = dist.mean_across(torch.tensor(per_step, dtype=torch.float64), d).item()
+                state["total_steps"] = step + max(1, int((budget - state["train_seconds"]) / per_step))
+                bar.total = state["total_steps"]
+                calibrate_from = (step, state["train_seconds"])
+                resize_at = step + max(CALIBRATE_AFTER, (state["total_steps"] - step) // 4)
+            elif budget and not tc.max_steps and step == start_step + 3:
+                # the first steps are slower while allocators and caches warm up, so they are left out
+                calibrate_from = (step, state["train_seconds"])
 
             if step % tc.log_every == 0 or step == state["total_steps"]:
                 rate = window_tokens / max(window_time, 1e-9)
