@@ -242,3 +242,31 @@ def test_a_prompt_can_join_a_running_batch():
     assert decoder.outputs[0] == generate(model, [1, 2, 3], first)
     for row, (p, params) in zip(rows, later):
         assert decoder.outputs[row] == generate(model, p, params)
+
+
+@pytest.mark.parametrize("position", POSITIONS)
+def test_joins_and_early_finishes_leave_each_row_as_it_would_be_alone(position):
+    """Prompts join a running batch (prefilled into its cache), and one row is ended between its joining
+    and the next step: every other row still produces exactly what it produces alone."""
+    model = tiny_model(50, scale=8.0, context=16, position=position, n_kv_heads=1)
+    greedy = SamplingParams(max_new_tokens=14, temperature=0)
+    decoder = BatchDecoder(model, [[1, 2, 3, 4, 5, 6]], greedy)
+    for _ in range(3):
+        decoder.step()
+    joined = [decoder.add(p, greedy) for p in ([7, 8], [9, 10, 11, 12, 13, 14, 15], [16])]
+    decoder.finish(joined[1])  # gone before it ever stepped
+    while not decoder.done:
+        decoder.step()
+    assert decoder.outputs[0] == generate(model, [1, 2, 3, 4, 5, 6], greedy)
+    for row, prompt in ((joined[0], [7, 8]), (joined[2], [16])):
+        assert decoder.outputs[row] == generate(model, prompt, greedy)
+    assert decoder.outputs[joined[1]] == []
+
+
+def test_last_only_logits_are_the_last_row_of_the_full_forward():
+    model = tiny_model(50, n_kv_heads=1)
+    ids = torch.tensor([[3, 4, 5, 6, 7], [8, 9, 10, 11, 12]])
+    with torch.no_grad():
+        full, last = model(ids), model(ids, last_only=True)
+    assert last.shape == (2, 1, 50)
+    torch.testing.assert_close(last[:, 0], full[:, -1])

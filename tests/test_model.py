@@ -22,12 +22,20 @@ def small_model(**model):
     return Transformer(cfg).eval()
 
 
-def test_rmsnorm_matches_torch():
+def test_rmsnorm_matches_the_formula_in_float64_and_keeps_bf16_in_float32_inside():
     norm = RMSNorm(16, eps=1e-6)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
     x = torch.randn(3, 5, 16)
-    torch.testing.assert_close(norm(x), F.rms_norm(x, (16,), norm.weight, eps=1e-6))
+    xd, wd = x.double(), norm.weight.double()
+    expected = xd / torch.sqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd
+    torch.testing.assert_close(norm(x), expected.float())
+    # large bf16 inputs: squares past bf16's precision must not spoil the result (computed in float32)
+    big = (x * 300).bfloat16()
+    bd = big.double()
+    ref = (bd / torch.sqrt(bd.pow(2).mean(-1, keepdim=True) + 1e-6) * wd).bfloat16()
+    assert norm(big).dtype == torch.bfloat16
+    torch.testing.assert_close(norm(big), ref, atol=0, rtol=1e-2)
 
 
 def test_swiglu_by_hand():

@@ -360,9 +360,25 @@ def test_prepare_sft_puts_it_together(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"q{i}", "answer": f"a{i}"} for i in range(20)])
     data = prepare_sft(tok, [str(path), "persona*2"], context=48, batch=2, seed=0, persona=Persona(name="Z"))
     n_persona = len(Persona(name="Z").pairs())
-    assert data.sources == [(str(path), 1.0, 18, 2), ("persona", 2.0, n_persona, 0)]
+    assert data.sources == [(str(path), 1.0, 18, 2, 0), ("persona", 2.0, n_persona, 0, 0)]
     assert len(data.val) == 2 and data.val_chats[0] == [user("q18"), bot("a18")]
     assert len(data.batches.order) == 18 + 2 * n_persona
     x, y = data.batches.next_batch()
     assert x.shape == (2, 48) and (y != IGNORE).any()
     assert data.stats.conversations == 20 + n_persona
+
+
+def test_held_out_prompts_that_training_also_asks_are_left_out(tmp_path):
+    from scratchlm.sft.data import drop_repeated_prompts, load_mixture
+
+    pairs = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(9)] + [{"question": " Q3 ", "answer": "other"}]
+    path = write_jsonl(tmp_path / "qa.jsonl", [json.dumps(p) for p in pairs])
+    (kept,) = load_mixture([str(path)], val_fraction=0.2)
+    assert [c[0]["content"] for c in kept.val] == ["q8"] and kept.repeats == 1  # " Q3 " is q3 again
+    (both,) = load_mixture([str(path)], val_fraction=0.2, drop_repeats=False)
+    assert [c[0]["content"] for c in both.val] == ["q8", " Q3 "] and both.repeats == 0
+    # across sources too: a prompt taught by one source is no test for another
+    other = write_jsonl(tmp_path / "other.jsonl", [json.dumps({"question": "q8", "answer": "x"})] * 3)
+    first, _ = load_mixture([str(path), str(other)], val_fraction=0.2)
+    assert first.val == [] and first.repeats == 2
+    assert drop_repeated_prompts([]) is None

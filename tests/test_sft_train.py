@@ -164,10 +164,10 @@ def test_bad_sft_data_is_one_line_naming_the_file_and_line(tmp_path, capsys):
 
 def test_the_command_trains_scores_the_held_out_answers_and_leaves_a_usable_run(tmp_path, capsys):
     base = make_run(tmp_path / "base", chat=False, context=48)
-    # Twelve records: the last one is held out, and it repeats a pair taught, so a model that learned
-    # the training pairs answers it exactly (exact match and ROUGE-L both 100).
+    # Twelve records: the last one is held out, and it repeats a pair taught (kept, with drop_repeats off),
+    # so a model that learned the training pairs answers it exactly (exact match and ROUGE-L both 100).
     qa = write_qa(tmp_path / "qa.json", [PAIRS[i % 3] for i in range(12)])
-    recipe = write_recipe(tmp_path / "chat.toml", base, [qa], eval_max_new_tokens=16)
+    recipe = write_recipe(tmp_path / "chat.toml", base, [qa], eval_max_new_tokens=16, drop_repeats=False)
     assert main(["sft", "--config", str(recipe), "--set", "sft.train.lr=4e-3"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "chat-sft"

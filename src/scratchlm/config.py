@@ -151,6 +151,7 @@ class SFTConfig:
     persona_weight: float = 3.0      # times each persona pair is seen per epoch, unless sources lists persona*W
     val_fraction: float = 0.1        # of each local or hf: source held out (named datasets keep their own split)
     pack: bool = True                # several examples per row (faster); false: one per row
+    drop_repeats: bool = True        # leave out of the held-out set what training also asks (it would score recall)
     epochs: float = 0.0              # > 0: sets train.max_steps to this many passes over the mixture
     eval_examples: int = 200         # held-out conversations answered greedily at the end (0: none)
     eval_max_new_tokens: int = 64

@@ -50,8 +50,9 @@ def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool
     _say(f"6. run folder {out}: config.toml, metrics.jsonl, loss.png, checkpoints/")
     _say("7. samples (temperature 0.8, top-k 50)")
     loaded = load(out, device)
-    params = SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50, seed=0, stop_ids=())
-    for prompt in PROMPTS:
+    for seed, prompt in enumerate(PROMPTS):
+        # a seed of its own for each prompt: with one seed for all, a small model's samples share whole lines
+        params = SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50, seed=seed, stop_ids=())
         ids = generate(loaded.model, loaded.tokenizer.encode(prompt), params)
         print("-" * 60)
         print(prompt + loaded.tokenizer.decode(ids))

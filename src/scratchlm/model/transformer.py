@@ -75,8 +75,10 @@ class Transformer(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for token ids (B, T). With a cache, `idx` continues the cached sequence.
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T), or (B, 1, vocab) for the last position alone with
+        `last_only`. With a cache, `idx` continues the cached sequence.
 
         `pad` (B,) counts the padding tokens at the start of each row, so prompts of different lengths can
         share a batch: keys in those slots are hidden and the added position tables count from each row's
@@ -101,6 +103,8 @@ class Transformer(nn.Module):
                       key_mask=key_mask)
         if cache is not None:
             cache.advance(T)
+        if last_only:  # a prompt's prefill needs only the next token's logits, not a vocabulary row per position
+            x = x[:, -1:]
         return self.lm_head(self.final_norm(x))
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:

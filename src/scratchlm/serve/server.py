@@ -219,6 +219,9 @@ class Handler(BaseHTTPRequestHandler):
 class Server(ThreadingHTTPServer):
     daemon_threads = True
     verbose = False
+    # socketserver's default backlog of 5 resets the sixth client that connects at the same moment; the
+    # engine queues requests itself, so the listen queue only has to hold a burst of connections.
+    request_queue_size = 128
 
     def __init__(self, address, handler, app: App):
         super().__init__(address, handler)

@@ -77,6 +77,27 @@ class SFTSplit:
     weight: float
     train: list[list[dict]]        # conversations
     val: list[list[dict]]
+    repeats: int = 0               # held-out conversations dropped because training has the same prompt
+
+
+def _prompt_key(conversation: Sequence[Mapping]) -> tuple:
+    """What a conversation asks before its first answer, compared without case or outer white space."""
+    head = []
+    for m in conversation:
+        if m["role"] == "assistant":
+            break
+        head.append((m["role"], " ".join(m["content"].lower().split())))
+    return tuple(head)
+
+
+def drop_repeated_prompts(splits: Sequence[SFTSplit]) -> None:
+    """Take out of every held-out set the conversations whose prompt some training conversation of the
+    mixture also has. Datasets repeat themselves (chatterbot asks 144 of its 227 held-out questions again
+    in its training files), and a held-out score over repeats measures recall, not answering."""
+    seen = {_prompt_key(c) for s in splits for c in s.train}
+    for s in splits:
+        kept = [c for c in s.val if _prompt_key(c) not in seen]
+        s.repeats, s.val = len(s.val) - len(kept), kept
 
 
 def _held_out(n: int, fraction: float) -> int:
@@ -145,11 +166,13 @@ def load_source(src: SFTSource, persona: Persona | None = None, val_fraction: fl
 
 def load_mixture(sources: Sequence[SFTSource | str | Mapping], persona: Persona | None = None,
                  val_fraction: float = 0.1, cache: str | os.PathLike | None = None,
-                 progress: bool = True) -> list[SFTSplit]:
+                 progress: bool = True, drop_repeats: bool = True) -> list[SFTSplit]:
     parsed = [s if isinstance(s, SFTSource) else parse_source(s) for s in sources]
     if not parsed:
         raise UserError("no SFT sources given")
     splits = [load_source(s, persona, val_fraction, cache, progress) for s in parsed]
+    if drop_repeats:
+        drop_repeated_prompts(splits)
     if not any(s.train and s.weight > 0 for s in splits):
         raise UserError("the SFT mixture has no training examples (all sources empty or weighted 0)")
     return splits
@@ -329,16 +352,16 @@ class SFTData:
     val: list[Example]              # held-out examples, for `sft_evaluator`
     val_chats: list[list[dict]]     # the same, as conversations (for generating answers and scoring them)
     stats: TokenizeStats
-    sources: list[tuple[str, float, int, int]]   # (name, weight, train examples, val examples)
+    sources: list[tuple[str, float, int, int, int]]   # (name, weight, train examples, val examples, repeats dropped)
 
 
 def prepare_sft(tokenizer: Tokenizer, sources: Sequence[SFTSource | str | Mapping], *, context: int, batch: int,
                 seed: int, persona: Persona | None = None, val_fraction: float = 0.1, pack: bool = True,
                 device: torch.device | str = "cpu", rank: int = 0, world: int = 1,
-                cache: str | os.PathLike | None = None, progress: bool = True) -> SFTData:
+                cache: str | os.PathLike | None = None, progress: bool = True, drop_repeats: bool = True) -> SFTData:
     """Everything `scratchlm sft` needs from its data settings: load and split the mixture, render it
     with the chat template (the tokenizer must have the chat tokens: `add_chat_tokens`) and batch it."""
-    splits = load_mixture(sources, persona, val_fraction, cache, progress)
+    splits = load_mixture(sources, persona, val_fraction, cache, progress, drop_repeats)
     stats, groups, val, val_chats, summary = TokenizeStats(), [], [], [], []
     for s in splits:
         train = tokenize_chats(tokenizer, s.train, context + 1, stats)
@@ -346,7 +369,7 @@ def prepare_sft(tokenizer: Tokenizer, sources: Sequence[SFTSource | str | Mappin
         groups.append((train, s.weight))
         val += held
         val_chats += s.val
-        summary.append((s.name, s.weight, len(train), len(held)))
+        summary.append((s.name, s.weight, len(train), len(held), s.repeats))
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     batches = SFTBatches(groups, context, batch, seed, pad, pack, device, rank, world)
     return SFTData(batches, val, val_chats, stats, summary)

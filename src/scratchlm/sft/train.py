@@ -80,6 +80,7 @@ def finetune(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict
                 dist.barrier(d)
             data = prepare_sft(tokenizer, sources, context=context, batch=tc.micro_batch, seed=tc.seed,
                                persona=persona, val_fraction=cfg.sft.val_fraction, pack=cfg.sft.pack, device=device,
+                               drop_repeats=cfg.sft.drop_repeats,
                                rank=d.rank, world=d.world, progress=progress and d.main)
             if d.main:
                 dist.barrier(d)
@@ -131,8 +132,9 @@ def _sample_prompt(tokenizer: Tokenizer, conversations: list[list[dict]], contex
 
 
 def _describe(data) -> None:
-    for name, weight, n_train, n_val in data.sources:
-        print(f"  {name} x{weight:g}: {n_train:,} training examples, {n_val:,} held out", flush=True)
+    for name, weight, n_train, n_val, repeats in data.sources:
+        dropped = f" ({repeats:,} more left out: training asks the same)" if repeats else ""
+        print(f"  {name} x{weight:g}: {n_train:,} training examples, {n_val:,} held out{dropped}", flush=True)
     s = data.stats
     if s.split or s.truncated or s.dropped:
         print(f"  {s.split} long conversations split, {s.truncated} examples truncated, {s.dropped} dropped")

@@ -260,7 +260,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     if not tc.max_steps and not budget:
         raise UserError("set train.max_steps or train.minutes (or both) so the run knows when to stop")
     start_step, calibrate_from = state["step"], None
-    resize_at = start_step + CALIBRATE_AFTER
+    resize_at = math.inf
     bar = tqdm(total=state["total_steps"] or None, initial=state["step"], desc="train", unit="step",
                disable=not progress, dynamic_ncols=True)
     bad_steps, window_tokens, window_time = 0, 0, 0.0
@@ -318,18 +318,21 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
             window_time += dt
             step = state["step"]
 
-            if budget and not tc.max_steps and calibrate_from and step == resize_at:
+            if budget and not tc.max_steps and calibrate_from:
                 # Size the schedule to the time left from the step time measured since the last sizing, and
-                # size it again as the run goes (each time a quarter of the steps left have passed), so
-                # that a machine that gets busier or quieter still ends the run on its budget. Decided by
-                # step number, so every process takes part in the same collective.
-                per_step = (state["train_seconds"] - calibrate_from[1]) / (step - calibrate_from[0])
-                per_step = dist.mean_across(torch.tensor(per_step, dtype=torch.float64), d).item()
-                state["total_steps"] = step + max(1, int((budget - state["train_seconds"]) / per_step))
-                bar.total = state["total_steps"]
-                calibrate_from = (step, state["train_seconds"])
-                resize_at = step + max(CALIBRATE_AFTER, (state["total_steps"] - step) // 4)
-            elif budget and not tc.max_steps and step == start_step + 3:
+                # size it again each time another 5% of the budget has passed, so that a machine that gets
+                # busier or quieter still ends the run on its budget with the schedule run through.
+                due = step == start_step + CALIBRATE_AFTER or (
+                    step > start_step + CALIBRATE_AFTER and state["train_seconds"] >= resize_at)
+                if d.active:  # every process must resize at the same step: the next collective needs it
+                    due = dist.any_across(due, d)
+                if due:
+                    per_step = (state["train_seconds"] - calibrate_from[1]) / (step - calibrate_from[0])
+                    per_step = dist.mean_across(torch.tensor(per_step, dtype=torch.float64), d).item()
+                    state["total_steps"] = step + max(1, int((budget - state["train_seconds"]) / per_step))
+                    bar.total = state["total_steps"]
+                    calibrate_from, resize_at = (step, state["train_seconds"]), state["train_seconds"] + budget / 20
+            if budget and not tc.max_steps and step == start_step + 3:
                 # the first steps are slower while allocators and caches warm up, so they are left out
                 calibrate_from = (step, state["train_seconds"])
 

@@ -27,7 +27,7 @@ GPU_PEAK_BF16 = {
 _cpu_peak: float | None = None
 
 
-def cpu_matmul_flops(n: int = 1024, seconds: float = 0.3) -> float:
+def cpu_matmul_flops(n: int = 2048, seconds: float = 0.5) -> float:
     """Measured float32 matmul FLOP/s (cached for the process): the best single product within the
     time allowed, so that a moment of load from another process lowers the peak as little as it can
     (a low peak would inflate MFU past 100%)."""
