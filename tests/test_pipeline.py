@@ -109,37 +109,44 @@ def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_time_budget_sizes_the_schedule(play_text, tmp_path):
-    run = tmp_path / "run"
-    result = pretrain(small_config(play_text, "train.minutes=0.05", "train.eval_every=0"), run, progress=False)
-    seconds = [r["seconds"] for r in rows(run) if "seconds" in r]
-    assert result["step"] > 20 and 0.05 * 60 * 0.5 < seconds[-1] < 0.05 * 60 * 1.5
-    lrs = [r["lr"] for r in rows(run) if "lr" in r]
-    assert lrs[-1] < 0.2 * max(lrs)  # the cosine reached its floor: the schedule ended with the budget
+class FakeClock:
+    """The training loop's clock, made to say that step n took `seconds(n)`, whatever the machine is doing:
+    the loop reads it twice a step, before and after."""
+
+    def __init__(self, seconds):
+        self.now, self.calls, self.seconds = 0.0, 0, seconds
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        if self.calls % 2 == 0:
+            self.now += self.seconds(self.calls // 2)
+        return self.now
+
+
+def _budget_run(play_text, tmp_path, monkeypatch, seconds):
+    from scratchlm.train import loop
+
+    monkeypatch.setattr(loop, "time", FakeClock(seconds))
+    result = pretrain(small_config(play_text, "train.minutes=0.05", "train.eval_every=0"), tmp_path / "run",
+                      progress=False)
+    logged = [r for r in rows(tmp_path / "run") if "lr" in r]
+    return result, [r["seconds"] for r in logged], [r["lr"] for r in logged]
+
+
+def test_time_budget_sizes_the_schedule(play_text, tmp_path, monkeypatch):
+    # 3 s of budget at 10 ms a step: 300 steps, and the cosine ends at its floor with the budget
+    result, seconds, lrs = _budget_run(play_text, tmp_path, monkeypatch, lambda n: 0.01)
+    assert 295 <= result["step"] <= 301 and seconds[-1] == pytest.approx(3.0, abs=0.02)
+    assert lrs[-1] == pytest.approx(0.1 * max(lrs), rel=0.05)
 
 
 def test_time_budget_holds_when_the_machine_slows_down(play_text, tmp_path, monkeypatch):
-    """Steps become several times slower after the schedule was first sized (another process took the
+    """Steps become five times slower after the schedule was first sized (another process took the
     cores): the run must still end on its budget with its learning rate decayed, not be cut off mid-way."""
-    import time
-
-    from scratchlm.data import loader
-
-    calls, original = [0], loader.RandomWindows.next_batch
-
-    def slower(self):
-        calls[0] += 1
-        if calls[0] > 40:
-            time.sleep(0.01)
-        return original(self)
-
-    monkeypatch.setattr(loader.RandomWindows, "next_batch", slower)
-    run = tmp_path / "run"
-    pretrain(small_config(play_text, "train.minutes=0.05", "train.eval_every=0"), run, progress=False)
-    seconds = [r["seconds"] for r in rows(run) if "seconds" in r]
-    lrs = [r["lr"] for r in rows(run) if "lr" in r]
-    assert 0.05 * 60 * 0.7 < seconds[-1] < 0.05 * 60 * 1.2
-    assert lrs[-1] < 0.2 * max(lrs)
+    result, seconds, lrs = _budget_run(play_text, tmp_path, monkeypatch, lambda n: 0.01 if n <= 40 else 0.05)
+    # 0.4 s for the first 40 steps, then 2.6 s at 50 ms: about 92 steps in all
+    assert 85 <= result["step"] <= 95 and seconds[-1] == pytest.approx(3.0, abs=0.1)
+    assert lrs[-1] < 0.15 * max(lrs)
 
 
 def test_an_existing_run_is_not_overwritten(play_text, tmp_path):
