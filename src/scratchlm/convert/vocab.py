@@ -9,7 +9,7 @@ from pathlib import Path
 
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.tokenizer.gpt2 import spell, unspell
+from scratchlm.tokenizer.gpt2 import spell, unspell, unspell_merge
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -36,9 +36,7 @@ def build_tokenizer(tokens: list[str], merges: list[str], special: set[int], sou
         vocab[i] = data
     pairs = []
     for m in merges:
-        parts = m.split(" ") if isinstance(m, str) else list(m)
-        pair = tuple(unspell(p) for p in parts)
-        if len(pair) != 2 or None in pair:
+        if (pair := unspell_merge(m)) is None:
             raise UserError(f"{source}: merge {m!r} is not a pair of byte-level tokens")
         pairs.append(pair)
     have = set(vocab.values())

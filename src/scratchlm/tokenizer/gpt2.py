@@ -37,6 +37,13 @@ def unspell(token: str) -> bytes | None:
         return None
 
 
+def unspell_merge(merge: str | list) -> tuple[bytes, bytes] | None:
+    """A merge as "a b" (or [a, b]) in GPT-2's byte alphabet -> its pair of byte strings; None when it
+    is not such a pair."""
+    pair = tuple(unspell(p) for p in (merge.split(" ") if isinstance(merge, str) else list(merge)))
+    return pair if len(pair) == 2 and None not in pair else None
+
+
 def read_gpt2_files(vocab_path: str | os.PathLike, merges_path: str | os.PathLike):
     """(vocab id -> bytes, merges, specials str -> id) from `encoder.json`/`vocab.json` and
     `vocab.bpe`/`merges.txt`. Entries that are neither single bytes nor made by a merge

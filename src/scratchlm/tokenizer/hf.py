@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Mapping
 
 from scratchlm.errors import UserError
-from scratchlm.tokenizer.gpt2 import spell, unspell
+from scratchlm.tokenizer.gpt2 import spell, unspell, unspell_merge
 from scratchlm.tokenizer.tokenizer import BEFORE_LOWER
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -194,9 +194,7 @@ def from_hf_dict(doc: Mapping, source: str):
         raise refuse(f"its token ids are not 0..{len(by_id) - 1} without gaps")
     merges = []
     for m in model.get("merges") or []:
-        parts = m.split(" ") if isinstance(m, str) else list(m)
-        pair = tuple(unspell(p) for p in parts)
-        if len(pair) != 2 or None in pair:
+        if (pair := unspell_merge(m)) is None:
             raise refuse(f"merge {m!r} is not a pair of byte-level tokens")
         merges.append(pair)
     try:
