@@ -3,9 +3,12 @@
     python bench/model.py                                # d_model 256, 6 layers, vocab 4096, batch 16 x 256
     python bench/model.py --layers 4 --threads 2 --rounds 5
 
-Both models get the same weights, the same batch and the same loss (float32 cross-entropy over the
-logits), and run forward + backward with the same attention backend (SDPA); no optimizer step, which
-costs both the same. They take turns, round after round, so a change in the machine's load hits both;
+Both models get the same weights and the same batch, and run forward + backward with the same attention
+backend (SDPA); no optimizer step, which costs both the same. Each computes the training loss its own
+way: scratchlm as its training loop does, with the output head fused into the cross-entropy
+(`model(x, targets=y)`, model/loss.py), transformers as float32 cross-entropy over its logits, which is
+what its `labels=` loss does. A third row runs scratchlm the same way as transformers, to show what the
+fused loss is worth. They take turns, round after round, so a change in the machine's load hits both;
 each reports its best round. The machine's own float32 matmul rate (a large square product on the same
 threads) is measured alongside, and the training step's useful FLOPs
 (`scratchlm.model.info.flops_per_token`) are given as a fraction of it.
@@ -38,13 +41,11 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def step_seconds(forward, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int) -> float:
+def step_seconds(loss_of, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int) -> float:
     """Mean seconds of one forward + backward over `steps` steps."""
     start = time.perf_counter()
     for _ in range(steps):
-        logits = forward(x)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        loss.backward()
+        loss_of(x, y).backward()
         for p in params:
             p.grad = None
     return (time.perf_counter() - start) / steps
@@ -86,8 +87,14 @@ def main() -> None:
     y = torch.randint(0, cfg.vocab_size, (a.batch, a.context))
     with torch.no_grad():
         diff = (ours(x) - theirs(x).logits).abs().max().item()
-    runners = {"scratchlm": (ours, list(ours.parameters())),
-               "transformers": (lambda t: theirs(t).logits, list(theirs.parameters()))}
+        fused = ours(x, targets=y).item() - F.cross_entropy(theirs(x).logits.flatten(0, 1).float(), y.flatten()).item()
+
+    def over_logits(forward):
+        return lambda t, labels: F.cross_entropy(forward(t).flatten(0, 1).float(), labels.flatten())
+
+    runners = {"scratchlm": (lambda t, labels: ours(t, targets=labels), list(ours.parameters())),
+               "scratchlm, plain loss": (over_logits(ours), list(ours.parameters())),
+               "transformers": (over_logits(lambda t: theirs(t).logits), list(theirs.parameters()))}
     for name, (fwd, params) in runners.items():  # warm-up: first calls allocate and pick kernels
         step_seconds(fwd, x, y, params, 1)
     peak = matmul_rate()
@@ -106,12 +113,12 @@ def main() -> None:
     print(f"model: {n['total'] / 1e6:.2f}M parameters (d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'}), batch {a.batch} x {a.context}, "
-          f"{flops / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}")
+          f"{flops / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}, loss difference {fused:.1e}")
     print(f"float32 matmul, 2048^3: {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'':14}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}")
+    print(f"{'':22}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}")
     for name, seconds in best.items():
         rate = tokens / seconds
-        print(f"{name:14}{seconds * 1e3:10.1f}{rate:11,.0f}{rate * flops / 1e9:9.1f}{rate * flops / peak:11.0%}")
+        print(f"{name:22}{seconds * 1e3:10.1f}{rate:11,.0f}{rate * flops / 1e9:9.1f}{rate * flops / peak:11.0%}")
     ratio = best["transformers"] / best["scratchlm"]
     print(f"\nscratchlm / transformers: {ratio:.2f}x tokens/s (target 1.2x); scratchlm reaches "
           f"{tokens / best['scratchlm'] * flops / peak:.0%} of the matmul rate (target 60%)")

@@ -7,7 +7,8 @@ gradient clipping and the AdamW step, as the training engine runs them.
     python bench/train_throughput.py --device cuda --compile          # both models through torch.compile
 
 Each step is the one `scratchlm.train.loop.fit` takes: the forward pass under the engine's autocast
-(`autocast_for`: bf16 on a GPU, none on a CPU), float32 cross-entropy over the logits, backward,
+(`autocast_for`: bf16 on a GPU, none on a CPU) with the loss (scratchlm: its output head fused into the
+cross-entropy, `model(x, targets=y)`; transformers: float32 cross-entropy over its logits), backward,
 `clip_grad_norm_` at train.grad_clip, the loss and gradient norm read back to the host (the engine logs
 both every step), and the step of the optimizer `build_optimizer` makes from the default TrainConfig:
 AdamW with weight decay on matrices only, fused on a GPU. The peer is transformers' LlamaForCausalLM
@@ -68,9 +69,9 @@ def peer_model(cfg, weights: dict[str, torch.Tensor]):
 class Side:
     """One model with its optimizer, stepped exactly as the training engine steps."""
 
-    def __init__(self, model: torch.nn.Module, logits, device: torch.device, tc: TrainConfig, compile: bool):
+    def __init__(self, model: torch.nn.Module, loss_of, device: torch.device, tc: TrainConfig, compile: bool):
         self.model = model.to(device).train()
-        self.forward = torch.compile(logits) if compile else logits
+        self.loss_of = torch.compile(loss_of) if compile else loss_of
         self.optimizer = build_optimizer(self.model, tc, device)
         self.params = list(self.model.parameters())
         self.device, self.tc = device, tc
@@ -87,8 +88,7 @@ class Side:
         for _ in range(steps):
             set_lr(self.optimizer, self.tc.lr)
             with self.autocast() if self.autocast else contextlib.nullcontext():
-                logits = self.forward(x)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                loss = self.loss_of(x, y)
             loss.backward()
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip)
             loss.item(), float(norm)  # the engine's per-step read-back, a host sync on a GPU
@@ -137,8 +137,9 @@ def main() -> None:
     theirs = peer_model(cfg, dict(ours.state_dict()))
     x = torch.randint(0, cfg.vocab_size, (a.batch, cfg.context), device=device)
     y = torch.randint(0, cfg.vocab_size, (a.batch, cfg.context), device=device)
-    sides = {"scratchlm": Side(ours, ours, device, tc, a.compile),
-             "transformers": Side(theirs, lambda t: theirs(t).logits, device, tc, a.compile)}
+    sides = {"scratchlm": Side(ours, lambda t, labels: ours(t, targets=labels), device, tc, a.compile),
+             "transformers": Side(theirs, lambda t, labels: F.cross_entropy(
+                 theirs(t).logits.float().flatten(0, 1), labels.flatten()), device, tc, a.compile)}
     with torch.no_grad():  # before any step, so both still hold the same weights; float32, two rows
         diff = (ours(x[:2]) - theirs(x[:2]).logits).abs().max().item()
     for side in sides.values():  # warm-up: allocation, kernel choice, compilation, the optimizer's state

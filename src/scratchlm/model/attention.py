@@ -92,6 +92,14 @@ class CausalSelfAttention(nn.Module):
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        explicit = self.backend == "explicit" or self.keep_weights
+        if alibi_slopes is None and key_mask is None and not explicit and (T == 1 or k.shape[2] == T):
+            # Nothing to add to the scores: one new token sees every key (they are all in its past), and a
+            # fresh sequence is plain causal. The common case, and the whole of a decoding step, goes
+            # straight to the kernel without building positions or masks.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
         k_positions = torch.arange(k.shape[2], device=x.device) + (positions[0] - (k.shape[2] - T))
         bias = self._bias(positions, k_positions, alibi_slopes, x.dtype, force=key_mask is not None)
@@ -100,14 +108,12 @@ class CausalSelfAttention(nn.Module):
             own = k_positions[None, :] == positions[:, None]
             hidden = ~(key_mask[:, None, :] | own[None])
             bias = bias[None].masked_fill(hidden[:, None], float("-inf"))
-        dropout = self.dropout if self.training else 0.0
-        if self.backend == "explicit" or self.keep_weights:
+        if explicit:
             y = self._explicit(q, k, v, bias, dropout)
         else:
-            causal_from_zero = bias is None and T > 1 and k.shape[2] == T
-            if bias is None and not causal_from_zero and T > 1:
+            if bias is None and T > 1:  # new tokens after cached ones: the causal mask is offset
                 bias = self._bias(positions, k_positions, None, x.dtype, force=True)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, is_causal=causal_from_zero)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     @staticmethod

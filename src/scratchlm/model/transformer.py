@@ -11,7 +11,8 @@ from torch import nn
 
 from scratchlm.config import ModelConfig
 from scratchlm.model.attention import CausalSelfAttention, KVCache
-from scratchlm.model.layers import make_mlp, make_norm
+from scratchlm.model.layers import dropout, make_mlp, make_norm
+from scratchlm.model.loss import linear_cross_entropy
 from scratchlm.model.positions import LearnedPositions, SinusoidalPositions, alibi_slopes, rope_tables
 
 
@@ -27,13 +28,13 @@ class Block(nn.Module):
                                         qk_norm=cfg.qk_norm, backend=cfg.attention)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.ffn_hidden, cfg.bias, cfg.dropout)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, **attn_kwargs) -> torch.Tensor:
         if self.pre_norm:
-            x = x + self.resid_dropout(self.attn(self.attn_norm(x), positions, **attn_kwargs))
+            x = x + dropout(self.attn(self.attn_norm(x), positions, **attn_kwargs), self.dropout, self.training)
             return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.resid_dropout(self.attn(x, positions, **attn_kwargs)))
+        x = self.attn_norm(x + dropout(self.attn(x, positions, **attn_kwargs), self.dropout, self.training))
         return self.mlp_norm(x + self.mlp(x))
 
 
@@ -49,7 +50,7 @@ class Transformer(nn.Module):
             self.pos_emb = SinusoidalPositions(cfg.d_model)
         else:
             self.pos_emb = None
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         # Post-norm blocks already end in a norm; a final one is only needed for pre-norm.
         self.final_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias) if cfg.pre_norm else nn.Identity()
@@ -76,9 +77,11 @@ class Transformer(nn.Module):
                 nn.init.ones_(p)
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None, pad: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T), or (B, 1, vocab) for the last position alone with
-        `last_only`. With a cache, `idx` continues the cached sequence.
+        `last_only`. With a cache, `idx` continues the cached sequence. Given `targets` (B, T), the mean
+        cross-entropy instead, with the output head fused into the loss so that the logits are never held
+        whole (model/loss.py); targets of -100 are left out, as in `F.cross_entropy`.
 
         `pad` (B,) counts the padding tokens at the start of each row, so prompts of different lengths can
         share a batch: keys in those slots are hidden and the added position tables count from each row's
@@ -96,7 +99,7 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             table_positions = positions if pad is None else (positions[None, :] - pad[:, None]).clamp(min=0)
             x = x + self.pos_emb(table_positions).to(x.dtype)
-        x = self.dropout(x)
+        x = dropout(x, self.dropout, self.training)
         rope = rope_tables(positions, self.config.head_dim, self.config.rope_base) if self.config.position == "rope" else None
         for i, block in enumerate(self.blocks):
             x = block(x, positions, rope=rope, alibi_slopes=self.alibi_slopes, cache=cache, layer=i,
@@ -105,7 +108,10 @@ class Transformer(nn.Module):
             cache.advance(T)
         if last_only:  # a prompt's prefill needs only the next token's logits, not a vocabulary row per position
             x = x[:, -1:]
-        return self.lm_head(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten())
+        return self.lm_head(x)
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         cfg = self.config

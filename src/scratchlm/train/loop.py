@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from scratchlm.config import RunConfig
@@ -224,7 +223,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     if tc.implementation == "reference":
         from scratchlm.train.reference import clip_grad_norm, cross_entropy
     else:
-        cross_entropy, clip_grad_norm = F.cross_entropy, torch.nn.utils.clip_grad_norm_
+        cross_entropy, clip_grad_norm = None, torch.nn.utils.clip_grad_norm_
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "total_steps": tc.max_steps,
              "best_val_loss": math.inf, "best_step": None}
@@ -282,8 +281,10 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
                 sync = micro == accum - 1 or not hasattr(wrapped, "no_sync")
                 with contextlib.nullcontext() if sync else wrapped.no_sync():
                     with autocast() if autocast else contextlib.nullcontext():
-                        logits = forward(x)
-                    loss = cross_entropy(logits.float().flatten(0, 1), y.flatten()) / accum
+                        if cross_entropy is None:  # the model's own loss, fused with its output head
+                            loss = forward(x, targets=y) / accum
+                        else:
+                            loss = cross_entropy(forward(x).float().flatten(0, 1), y.flatten()) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             if scaler:
