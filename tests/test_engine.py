@@ -20,7 +20,7 @@ from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
+SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
          "train.micro_batch=4", "train.eval_every=0", "train.warmup_steps=2", "train.minutes=0",
          "train.log_every=1", "train.lr=1e-2", "train.optimizer=adamw"]  # AdamW's moments are what these check
 

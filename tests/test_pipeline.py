@@ -23,7 +23,7 @@ from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train.loop import pretrain
 
-SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
+SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
          "train.micro_batch=4", "train.eval_every=4", "train.eval_tokens=256", "train.warmup_steps=2",
          "train.minutes=0", "train.log_every=1", "train.lr=1e-2"]
 

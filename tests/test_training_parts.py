@@ -188,3 +188,19 @@ def test_reference_adamw_matches_pytorch():
         opt_a.step()
         opt_b.step()
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(ours, theirs))
+
+
+def test_bf16_native_precision_follows_the_hardware_and_bad_values_name_the_choices(monkeypatch):
+    from scratchlm.errors import UserError
+    from scratchlm.train.loop import autocast_for, compute_dtype
+
+    cpu = torch.device("cpu")
+    assert compute_dtype(cpu, "auto") == torch.float32 and autocast_for(cpu, "fp32") is None
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        assert compute_dtype(cpu, "bf16-native") == (torch.bfloat16 if native else torch.float32)
+    with autocast_for(cpu, "bf16")():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    with pytest.raises(UserError, match="bf16-native"):
+        compute_dtype(cpu, "half")

@@ -52,16 +52,35 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def multiplies_bf16_natively(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run in hardware here: a CUDA device that supports them, or a CPU
+    with AMX or AVX-512 BF16 units (elsewhere oneDNN converts to float32 and bf16 is slower, not faster)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of the matrix products that `train.precision` asks for on this device."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    elif precision == "bf16-native":
+        precision = "bf16" if multiplies_bf16_natively(device) else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise UserError(f"train.precision = {precision!r} is not one of auto, bf16-native, fp32, bf16, fp16")
+    return dtype
+
+
 def autocast_for(device: torch.device, precision: str):
     """A factory of autocast contexts, or None for plain float32. Autocast computes matrix products in
     16 bits while the parameters (and so the optimizer) stay float32."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "fp32":
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
         return None
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise UserError(f"train.precision = {precision!r} is not one of auto, fp32, bf16, fp16")
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
@@ -219,7 +238,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     rows_per_step = tc.micro_batch * context * d.world
     accum = max(1, tc.batch_tokens // rows_per_step) if tc.batch_tokens else 1
     tokens_per_step = accum * rows_per_step
-    flops_token, peak = flops_per_token(cfg.model), peak_flops(device)
+    flops_token, peak = flops_per_token(cfg.model), peak_flops(device, compute_dtype(device, tc.precision))
     if tc.implementation == "reference":
         from scratchlm.train.reference import clip_grad_norm, cross_entropy
     else:

@@ -1,7 +1,8 @@
 """Model FLOPs utilisation: the FLOPs a training step must do, per second, over what the device can do.
 
 GPU peaks are the vendors' dense (no sparsity) figures for 16-bit matrix products. A CPU has no such
-table, so its peak is measured: the float32 rate of a large matrix product on the threads PyTorch uses.
+table, so its peak is measured: the rate of a large matrix product on the threads PyTorch uses, in the
+dtype the products run in (float32, or bfloat16 under autocast, which AMX units run several times faster).
 """
 from __future__ import annotations
 
@@ -24,29 +25,28 @@ GPU_PEAK_BF16 = {
     "T4": 65e12,
 }
 
-_cpu_peak: float | None = None
+_cpu_peak: dict[torch.dtype, float] = {}
 
 
-def cpu_matmul_flops(n: int = 2048, seconds: float = 0.5) -> float:
-    """Measured float32 matmul FLOP/s (cached for the process): the best single product within the
+def cpu_matmul_flops(n: int = 2048, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """Measured matmul FLOP/s in `dtype` (cached for the process): the best single product within the
     time allowed, so that a moment of load from another process lowers the peak as little as it can
     (a low peak would inflate MFU past 100%)."""
-    global _cpu_peak
-    if _cpu_peak is None:
-        a, b = torch.randn(n, n), torch.randn(n, n)
+    if dtype not in _cpu_peak:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm up the kernels and thread pool
         best, start = float("inf"), time.perf_counter()
         while time.perf_counter() - start < seconds or best == float("inf"):
             t = time.perf_counter()
             a @ b
             best = min(best, time.perf_counter() - t)
-        _cpu_peak = 2 * n**3 / best
-    return _cpu_peak
+        _cpu_peak[dtype] = 2 * n**3 / best
+    return _cpu_peak[dtype]
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> float | None:
     if device.type == "cpu":
-        return cpu_matmul_flops()
+        return cpu_matmul_flops(dtype=dtype)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in GPU_PEAK_BF16.items():
