@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from scratchlm.data import sources
+from scratchlm.data import dialogues, sources
 from scratchlm.errors import UserError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -308,7 +308,7 @@ CHATTERBOT_YML = {
 
 
 def test_chatterbot_units():
-    units = sources.chatterbot_units(sorted(CHATTERBOT_YML.items()))
+    units = dialogues.chatterbot_units(sorted(CHATTERBOT_YML.items()))
     texts = [t for t, _ in units]
     assert texts[0] == "Show code\nHere:\n\n```\nx = 1\n```\nThanks\n\n"
     assert texts[1:] == ["42\n\n", "Hello\nHi\n\n", "How are you?\nyes\n\n"]  # yes/42 stay text
@@ -334,7 +334,7 @@ CHITCHAT = {
 
 
 def test_chitchat_units():
-    units = sources.chitchat_units(CHITCHAT)
+    units = dialogues.chitchat_units(CHITCHAT)
     assert [t for t, _ in units] == ["Hello How are you?\nfine thanks and you?\ngood\n\n", "anyone here?\n\n"]
     assert units[0][1] == [{"messages": [
         {"role": "user", "content": "Hello How are you?"},

@@ -5,7 +5,8 @@ two UTF-8 files, `train.txt` and `val.txt`, under `cache_dir()/datasets/<name>/`
 ever see those, so adding a source never touches the trainer. Splits are deterministic so a val
 loss means the same on every machine:
 - plain text: cut just after the first newline at or after 90% of the bytes;
-- records (jsonl, parquet, hf, dialogues): the last ~10% of records, in source order, go to val.
+- records (jsonl, parquet, hf): the last ~10% of records, in source order, go to val; the dialogue sets
+  (`data/dialogues.py`) hold out every 10th conversation.
 
 Next to each text file, `train.docs` / `val.docs` say where its documents start: little-endian uint64 byte
 offsets, the first 0. A document is a record, or one file of a folder; a single text file (and
@@ -20,7 +21,6 @@ import difflib
 import functools
 import hashlib
 import importlib.util
-import itertools
 import json
 import os
 import re
@@ -31,12 +31,12 @@ import tarfile
 import tempfile
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
+from scratchlm.data.dialogues import DIALOGUE_SPLIT, DIALOGUES, build_dialogues, load_records  # noqa: F401 (load_records: re-exported)
 from scratchlm.errors import UserError
 
 TRAIN_FRACTION = 0.9
@@ -243,114 +243,12 @@ def _build_shakespeare(train_f: BinaryIO, val_f: BinaryIO, root: Path, progress:
     _split_text(files, sum(map(len, files)), train_f, val_f, "shakespeare")
 
 
-# A dialogue "unit" is one conversation: (its rendering as pretraining text, its structured records).
-# Text and records come from the same units, so load_records(split="val") matches val.txt exactly.
-Unit = tuple[str, list[dict]]
-
-
-def chatterbot_units(files: Iterable[tuple[str, str]]) -> list[Unit]:
-    """Parse chatterbot YAML given as `(file_stem, yaml_text)` pairs in package order."""
-    import yaml
-
-    units: list[Unit] = []
-    for stem, text in files:
-        # BaseLoader keeps every scalar a string: safe_load would turn a bare `yes` into True, `1.0` into 1.0
-        for conv in (yaml.load(text, Loader=yaml.BaseLoader) or {}).get("conversations") or []:
-            msgs = [m.strip() for m in conv if isinstance(m, str) and m.strip()]
-            if msgs:
-                recs = [{"question": q, "answer": a, "category": stem} for q, a in itertools.pairwise(msgs)]
-                units.append(("\n".join(msgs) + "\n\n", recs))
-    return units
-
-
-def chitchat_units(data: dict) -> list[Unit]:
-    """Parse dataset.json: {chat_id: {"messages": [[{"text", "sender", ...}, ...], ...]}}. Each inner list
-    is one turn (one sender's utterances), joined with spaces as the package does, on one line."""
-    units: list[Unit] = []
-    for chat in data.values():
-        turns: list[list[str]] = []  # [sender, text]
-        for turn in chat.get("messages") or []:
-            text = " ".join(" ".join(str(u.get("text") or "") for u in turn).split())
-            if not text:
-                continue
-            sender = str(turn[0].get("sender"))
-            if turns and turns[-1][0] == sender:  # an all-empty turn was dropped: keep roles alternating
-                turns[-1][1] += " " + text
-            else:
-                turns.append([sender, text])
-        if turns:
-            msgs = [{"role": "user" if s == turns[0][0] else "assistant", "content": t} for s, t in turns]
-            units.append(("\n".join(t for _, t in turns) + "\n\n", [{"messages": msgs}]))
-    return units
-
-
-def _chatterbot_from_wheel(whl: Path) -> list[Unit]:
-    with zipfile.ZipFile(whl) as zf:
-        names = sorted(n for n in zf.namelist() if re.fullmatch(r"chatterbot_corpus/data/english/[^/]+\.yml", n))
-        return chatterbot_units((PurePosixPath(n).stem, zf.read(n).decode("utf-8")) for n in names)
-
-
-def _chitchat_from_wheel(whl: Path) -> list[Unit]:
-    with zipfile.ZipFile(whl) as zf:
-        return chitchat_units(json.loads(zf.read("chitchat_dataset/dataset.json")))
-
-
-_DIALOGUES: dict[str, tuple[str, Callable[[Path], list[Unit]]]] = {
-    "chatterbot": ("chatterbot-corpus==1.3.3", _chatterbot_from_wheel),
-    "chitchat": ("chitchat-dataset==0.9.0", _chitchat_from_wheel),
-}
-
-
-def _dialogue_units(name: str, root: Path, progress: bool) -> list[Unit]:
-    spec, parse = _DIALOGUES[name]
-    return parse(_pip_fetch(spec, root, sdist=False, progress=progress))
-
-
-VAL_EVERY = 10
-# Written beside a dialogue set's split files: a cache made under an older rule is built again.
-DIALOGUE_SPLIT = "val: every 10th conversation\n"
-
-
-def _dialogue_val(n: int, label: str) -> set[int]:
-    """Every tenth conversation is held out (the last of each ten; of a set under ten, the last one). The
-    packages list conversations topic by topic, so a tail cut would hold out one topic (chatterbot's
-    trivia) and score a chat model on nothing it was taught to talk about."""
-    if n < 2:
-        raise UserError(f"{label} has {n} conversation(s); need at least 2 to split into train and val")
-    every = min(VAL_EVERY, n)
-    return {i for i in range(n) if i % every == every - 1}
-
-
-def _build_dialogues(name: str, train_f: BinaryIO, val_f: BinaryIO, root: Path, progress: bool) -> None:
-    units = _dialogue_units(name, root, progress)
-    val = _dialogue_val(len(units), name)
-    for i, (text, _) in enumerate(units):
-        out = val_f if i in val else train_f
-        out.mark_document()
-        out.write((text if text.endswith("\n") else text + "\n").encode("utf-8", "replace"))
-
-
 # looked up at call time, so tests can swap a builder and count its calls
 _BUILDERS: dict[str, Callable[[BinaryIO, BinaryIO, Path, bool], None]] = {
     "shakespeare": _build_shakespeare,
-    "chatterbot": functools.partial(_build_dialogues, "chatterbot"),
-    "chitchat": functools.partial(_build_dialogues, "chitchat"),
+    "chatterbot": functools.partial(build_dialogues, "chatterbot"),
+    "chitchat": functools.partial(build_dialogues, "chitchat"),
 }
-
-
-def load_records(name: str, *, split: str | None = None, cache: str | os.PathLike | None = None,
-                 progress: bool = True) -> list[dict]:
-    """Structured view of a dialogue set for fine-tuning. chatterbot: {"question", "answer", "category"}
-    per consecutive pair in a conversation; chitchat: {"messages": [{"role", "content"}, ...]} per chat.
-    `split` ("train"/"val") picks the same conversations as train.txt/val.txt; None gives all."""
-    if name not in _DIALOGUES:
-        raise UserError(f"load_records supports {', '.join(_DIALOGUES)}; '{name}' has no structured records")
-    if split not in (None, "train", "val"):
-        raise UserError(f"split must be 'train', 'val' or None, not {split!r}")
-    units = _dialogue_units(name, Path(cache).expanduser() if cache else cache_dir(), progress)
-    val = _dialogue_val(len(units), name)
-    chosen = [u for i, u in enumerate(units) if split is None or (i in val) == (split == "val")]
-    return [rec for _, recs in chosen for rec in recs]
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
@@ -517,7 +415,7 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
                         f"Known: {', '.join(DATASETS)}; or {_HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
     dest = root / "datasets" / name
     train, val = dest / "train.txt", dest / "val.txt"
-    rule = DIALOGUE_SPLIT if spec in _DIALOGUES else None
+    rule = DIALOGUE_SPLIT if spec in DIALOGUES else None
     marker = dest / "split.txt"
     # A folder made before document offsets were recorded lacks the .docs files, and one split under
     # another rule has another split.txt: either is built again.

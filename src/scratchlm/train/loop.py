@@ -241,8 +241,14 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     flops_token, peak = flops_per_token(cfg.model), peak_flops(device, compute_dtype(device, tc.precision))
     if tc.implementation == "reference":
         from scratchlm.train.reference import clip_grad_norm, cross_entropy
+
+        def loss_of(x, y):
+            return cross_entropy(forward(x).float().flatten(0, 1), y.flatten())
     else:
-        cross_entropy, clip_grad_norm = None, torch.nn.utils.clip_grad_norm_
+        clip_grad_norm = torch.nn.utils.clip_grad_norm_
+
+        def loss_of(x, y):  # the model's own loss, fused with its output head
+            return forward(x, targets=y)
 
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "total_steps": tc.max_steps,
              "best_val_loss": math.inf, "best_step": None}
@@ -300,10 +306,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
                 sync = micro == accum - 1 or not hasattr(wrapped, "no_sync")
                 with contextlib.nullcontext() if sync else wrapped.no_sync():
                     with autocast() if autocast else contextlib.nullcontext():
-                        if cross_entropy is None:  # the model's own loss, fused with its output head
-                            loss = forward(x, targets=y) / accum
-                        else:
-                            loss = cross_entropy(forward(x).float().flatten(0, 1), y.flatten()) / accum
+                        loss = loss_of(x, y) / accum
                     (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach()
             if scaler:
