@@ -27,11 +27,14 @@ from scratchlm.config import build_config
 from scratchlm.convert.hf import to_llama
 from scratchlm.model.info import count_params, flops_per_token
 from scratchlm.model.transformer import Transformer
+from scratchlm.train.loop import multiplies_bf16_natively
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 FLOP/s of an n x n by n x n product."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_rate(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s of an n x n by n x n product."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -41,11 +44,14 @@ def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def step_seconds(loss_of, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int) -> float:
-    """Mean seconds of one forward + backward over `steps` steps."""
+def step_seconds(loss_of, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Mean seconds of one forward + backward over `steps` steps, under autocast to `dtype` unless float32."""
     start = time.perf_counter()
     for _ in range(steps):
-        loss_of(x, y).backward()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = loss_of(x, y)
+        loss.backward()
         for p in params:
             p.grad = None
     return (time.perf_counter() - start) / steps
@@ -63,11 +69,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="steps per round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--tied", action="store_true", help="tie the output head to the embedding")
+    p.add_argument("--precision", nargs="+", choices=list(DTYPES), default=None,
+                   help="fp32, and bf16 (both models under the same CPU bf16 autocast); default: both where the "
+                        "CPU multiplies bfloat16 itself (AMX or AVX-512 BF16), else fp32")
+    p.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     a = p.parse_args()
 
     import transformers
 
     torch.set_num_threads(a.threads)
+    if a.precision is None:
+        a.precision = ["fp32", "bf16"] if multiplies_bf16_natively(torch.device("cpu")) else ["fp32"]
     torch.manual_seed(0)
     cfg = build_config({"model": {"vocab_size": a.vocab, "context": a.context, "d_model": a.d_model,
                                   "n_layers": a.layers, "n_heads": a.heads, "tie_embeddings": a.tied}}).model
@@ -95,34 +107,46 @@ def main() -> None:
     runners = {"scratchlm": (lambda t, labels: ours(t, targets=labels), list(ours.parameters())),
                "scratchlm, plain loss": (over_logits(ours), list(ours.parameters())),
                "transformers": (over_logits(lambda t: theirs(t).logits), list(theirs.parameters()))}
-    for name, (fwd, params) in runners.items():  # warm-up: first calls allocate and pick kernels
-        step_seconds(fwd, x, y, params, 1)
-    peak = matmul_rate()
-    best = {name: float("inf") for name in runners}
-    for _ in range(a.rounds):
-        for name, (fwd, params) in runners.items():
-            best[name] = min(best[name], step_seconds(fwd, x, y, params, a.steps))
-        peak = max(peak, matmul_rate())
+    if a.compile:  # both sides, so that the comparison stays like for like
+        ours_c, theirs_c = torch.compile(ours), torch.compile(theirs)
+        runners["scratchlm, compiled"] = (lambda t, labels: ours_c(t, targets=labels), list(ours.parameters()))
+        runners["transformers, compiled"] = (over_logits(lambda t: theirs_c(t).logits), list(theirs.parameters()))
 
-    tokens = a.batch * a.context
-    flops = flops_per_token(cfg, a.context)
-    n = count_params(cfg)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    n = count_params(cfg)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, load average {load:.2f}")
     print(f"model: {n['total'] / 1e6:.2f}M parameters (d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'}), batch {a.batch} x {a.context}, "
-          f"{flops / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}, loss difference {fused:.1e}")
-    print(f"float32 matmul, 2048^3: {peak / 1e9:.1f} GFLOP/s\n")
-    print(f"{'':22}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of matmul':>11}")
+          f"{flops_per_token(cfg, a.context) / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}, "
+          f"loss difference {fused:.1e}")
+    peak = matmul_rate()
+    for precision in a.precision:
+        dtype = DTYPES[precision]
+        for name, (fwd, params) in runners.items():  # warm-up: first calls allocate, pick kernels, compile
+            start = time.perf_counter()
+            step_seconds(fwd, x, y, params, 2, dtype)
+            if "compiled" in name:
+                print(f"  {name}, {precision}: compiled in {time.perf_counter() - start:.0f} s")
+        best = {name: float("inf") for name in runners}
+        for _ in range(a.rounds):
+            for name, (fwd, params) in runners.items():
+                best[name] = min(best[name], step_seconds(fwd, x, y, params, a.steps, dtype))
+            peak = max(peak, matmul_rate())
+        report(precision, best, peak, a.batch * a.context, flops_per_token(cfg, a.context))
+
+
+def report(precision: str, best: dict[str, float], peak: float, tokens: int, flops: float) -> None:
+    bf16 = f"; bfloat16 {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s" if precision == "bf16" else ""
+    print(f"\n{precision}: float32 matmul, 2048^3: {peak / 1e9:.1f} GFLOP/s{bf16}")
+    print(f"{'':24}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of fp32 matmul':>16}")
     for name, seconds in best.items():
         rate = tokens / seconds
-        print(f"{name:22}{seconds * 1e3:10.1f}{rate:11,.0f}{rate * flops / 1e9:9.1f}{rate * flops / peak:11.0%}")
+        print(f"{name:24}{seconds * 1e3:10.1f}{rate:11,.0f}{rate * flops / 1e9:9.1f}{rate * flops / peak:16.0%}")
     ratio = best["transformers"] / best["scratchlm"]
-    print(f"\nscratchlm / transformers: {ratio:.2f}x tokens/s (target 1.2x); scratchlm reaches "
-          f"{tokens / best['scratchlm'] * flops / peak:.0%} of the matmul rate (target 60%)")
-
+    print(f"{precision}: scratchlm / transformers: {ratio:.2f}x tokens/s (target 1.2x); scratchlm reaches "
+          f"{tokens / best['scratchlm'] * flops / peak:.0%} of the float32 matmul rate (target 60%)")
 
 if __name__ == "__main__":
     main()
