@@ -2,6 +2,7 @@
 
     python bench/model.py                                # d_model 256, 6 layers, vocab 4096, batch 16 x 256
     python bench/model.py --layers 4 --threads 2 --rounds 5
+    python bench/model.py --precision fp32 --compile     # float32 only, eager and compiled, both models
 
 Both models get the same weights and the same batch, and run forward + backward with the same attention
 backend (SDPA); no optimizer step, which costs both the same. Each computes the training loss its own
@@ -9,9 +10,10 @@ way: scratchlm as its training loop does, with the output head fused into the cr
 (`model(x, targets=y)`, model/loss.py), transformers as float32 cross-entropy over its logits, which is
 what its `labels=` loss does. A third row runs scratchlm the same way as transformers, to show what the
 fused loss is worth. They take turns, round after round, so a change in the machine's load hits both;
-each reports its best round. The machine's own float32 matmul rate (a large square product on the same
-threads) is measured alongside, and the training step's useful FLOPs
-(`scratchlm.model.info.flops_per_token`) are given as a fraction of it.
+each reports its best round. Where the CPU multiplies bfloat16 itself (AMX or AVX-512 BF16), both
+precisions are timed: float32, and both models under the same bf16 autocast. The machine's own float32
+matmul rate (a large square product on the same threads) is measured alongside, and the training step's
+useful FLOPs (`scratchlm.model.info.flops_per_token`) are given as a fraction of it.
 """
 from __future__ import annotations
 

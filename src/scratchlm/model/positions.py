@@ -67,8 +67,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     d = x.shape[-1] // 2
     if cos.shape[-1] == d:
         cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
-    xf = x.float()
-    return (xf * cos + xf.roll(d, dims=-1) * sin).type_as(x)
+    xf = x if x.dtype == torch.float32 else x.float()
+    return torch.addcmul(xf * cos, xf.roll(d, dims=-1), sin).type_as(x)
 
 
 def alibi_slopes(n_heads: int) -> torch.Tensor:
