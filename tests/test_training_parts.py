@@ -129,6 +129,10 @@ def test_orthogonalize_gives_the_polar_factor_up_to_near_one_singular_values():
         off = core - torch.diag(torch.diagonal(core))
         assert off.abs().max() < 1e-4
         assert 0.6 < torch.diagonal(core).min() and torch.diagonal(core).max() < 1.25
+        # a stack is orthogonalised matrix by matrix, each scaled by its own norm (the first tenfold)
+        stacked = orthogonalize(torch.stack([10 * g, g.flip(0)]))
+        torch.testing.assert_close(stacked[0], orthogonalize(g), atol=1e-5, rtol=0)
+        torch.testing.assert_close(stacked[1], orthogonalize(g.flip(0)), atol=1e-5, rtol=0)
 
 
 def test_muon_step_matches_pytorch_muon():
@@ -136,17 +140,22 @@ def test_muon_step_matches_pytorch_muon():
 
     torch.manual_seed(0)
     w = torch.randn(64, 40)
-    ours_w, torch_w = w.clone().requires_grad_(), w.clone().requires_grad_()
-    ours = Muon([ours_w], lr=0.02, weight_decay=0.1, momentum=0.95)
-    ref = torch.optim.Muon([torch_w], lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="original")
-    for _ in range(4):
-        g = torch.randn(64, 40)
-        ours_w.grad, torch_w.grad = g.clone(), g.clone()
-        ours.step()
-        ref.step()
-    moved = (torch_w - w).abs().max()
-    # PyTorch iterates in bfloat16 (8 bits of mantissa), ours in float32: equal to bfloat16's precision
-    assert (ours_w - torch_w).abs().max() < 0.03 * moved
+    for ns_dtype in (torch.float32, None):  # None: bfloat16 where the CPU multiplies it, else float32
+        # two matrices of one shape, orthogonalised as a stack, and one of another shape
+        ours_w = [w.clone().requires_grad_(), (w + 1).requires_grad_(), w[:30].clone().requires_grad_()]
+        torch_w = [t.detach().clone().requires_grad_() for t in ours_w]
+        ours = Muon(ours_w, lr=0.02, weight_decay=0.1, momentum=0.95, ns_dtype=ns_dtype)
+        ref = torch.optim.Muon(torch_w, lr=0.02, weight_decay=0.1, momentum=0.95, adjust_lr_fn="original")
+        for _ in range(4):
+            for a, b in zip(ours_w, torch_w):
+                a.grad = torch.randn(a.shape)
+                b.grad = a.grad.clone()
+            ours.step()
+            ref.step()
+        for start, a, b in zip((w, w + 1, w[:30]), ours_w, torch_w):
+            moved = (b - start).abs().max()
+            # PyTorch iterates in bfloat16 (8 bits of mantissa): equal to bfloat16's precision
+            assert (a - b).abs().max() < 0.03 * moved
 
 
 def test_reference_cross_entropy_and_clipping_match_pytorch():

@@ -32,6 +32,7 @@ from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
+from scratchlm.train.hardware import multiplies_bf16_natively
 from scratchlm.train.loggers import Sinks
 from scratchlm.train.mfu import peak_flops
 from scratchlm.train.optim import build_optimizer, lr_at, set_lr
@@ -50,17 +51,6 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
     return torch.device(name)
-
-
-def multiplies_bf16_natively(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products run in hardware here: a CUDA device that supports them, or a CPU
-    with AMX or AVX-512 BF16 units (elsewhere oneDNN converts to float32 and bf16 is slower, not faster)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-    return False
 
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:

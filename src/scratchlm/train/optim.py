@@ -7,6 +7,7 @@ import torch
 
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
+from scratchlm.train.hardware import multiplies_bf16_natively
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -30,7 +31,8 @@ def muon_params(model: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An approximation of U V^T for g = U S V^T, by a quintic Newton-Schulz iteration.
+    """An approximation of U V^T for g = U S V^T, by a quintic Newton-Schulz iteration; for a stack of
+    matrices (..., rows, cols), of each one.
 
     The coefficients (3.4445, -4.775, 2.0315) push every singular value of the normalised matrix towards
     one in five steps, accepting values anywhere near 1 (roughly 0.7 to 1.2) in exchange for speed; for an
@@ -38,14 +40,14 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     matrix small."""
     a, b, c = 3.4445, -4.775, 2.0315
     x = g.to(dtype)
-    wide = x.shape[0] <= x.shape[1]
+    wide = x.shape[-2] <= x.shape[-1]
     if not wide:
-        x = x.T
-    x = x / x.norm().clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1: inside the basin
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # spectral <= Frobenius norm <= 1: in the basin
     for _ in range(steps):
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(g.dtype)
+    return (x if wide else x.mT).to(g.dtype)
 
 
 class Muon(torch.optim.Optimizer):
@@ -55,23 +57,35 @@ class Muon(torch.optim.Optimizer):
     every direction of the update moves by the same amount, and applies it scaled by sqrt(max(1, rows /
     cols)) so tall and wide matrices get updates of comparable size. Weight decay is decoupled, as in AdamW.
 
-    PyTorch's own `torch.optim.Muon` runs the iteration in bfloat16, which is right on a GPU and about
-    a hundred times slower than float32 on a CPU; this one runs in bfloat16 on GPUs and float32 elsewhere.
+    Matrices of the same shape are orthogonalised together, as one stack: a small model's dozens of small
+    products become a few batched ones. The iteration runs in bfloat16 where the hardware multiplies it
+    (a GPU, a CPU with AMX or AVX-512 BF16: `ns_dtype=None`), as PyTorch's own `torch.optim.Muon` always
+    does, and in float32 elsewhere, where bfloat16 products are emulated and about a hundred times slower.
     """
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
-                 nesterov: bool = True, ns_steps: int = 5):
+                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype | None = None):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
+        self.ns_dtype = ns_dtype
+        self._ns_dtypes: dict[torch.device, torch.dtype] = {}  # per device, decided at its first step
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
                     raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
 
+    def _ns_dtype(self, device: torch.device) -> torch.dtype:
+        if self.ns_dtype is not None:
+            return self.ns_dtype
+        if device not in self._ns_dtypes:
+            self._ns_dtypes[device] = torch.bfloat16 if multiplies_bf16_natively(device) else torch.float32
+        return self._ns_dtypes[device]
+
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
+            same_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -81,10 +95,14 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(mu).add_(p.grad)
                 direction = p.grad.add(buf, alpha=mu) if group["nesterov"] else buf
-                dtype = torch.bfloat16 if p.device.type == "cuda" else torch.float32
-                update = orthogonalize(direction, group["ns_steps"], dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * math.sqrt(max(1.0, p.shape[0] / p.shape[1])))
+                same_shape.setdefault((p.shape, p.dtype, p.device), []).append((p, direction))
+            for (shape, _, device), pairs in same_shape.items():
+                dtype = self._ns_dtype(device)
+                updates = orthogonalize(torch.stack([d for _, d in pairs]), group["ns_steps"], dtype)
+                scale = -lr * math.sqrt(max(1.0, shape[0] / shape[1]))
+                for (p, _), update in zip(pairs, updates):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=scale)
 
 
 class Combined:
