@@ -30,20 +30,9 @@ from scratchlm.convert.hf import to_llama
 from scratchlm.model.info import count_params, flops_per_token
 from scratchlm.model.transformer import Transformer
 from scratchlm.train.hardware import multiplies_bf16_natively
+from scratchlm.train.mfu import matmul_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def matmul_rate(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
-    """Best FLOP/s of an n x n by n x n product."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
 
 
 def step_seconds(loss_of, x: torch.Tensor, y: torch.Tensor, params: list[torch.Tensor], steps: int,
@@ -115,15 +104,15 @@ def main() -> None:
         runners["transformers, compiled"] = (over_logits(lambda t: theirs_c(t).logits), list(theirs.parameters()))
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    n = count_params(cfg)
+    n, flops = count_params(cfg), flops_per_token(cfg, a.context)
     print(f"machine: {platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, load average {load:.2f}")
     print(f"model: {n['total'] / 1e6:.2f}M parameters (d_model {cfg.d_model}, {cfg.n_layers} layers, "
           f"{cfg.n_heads} heads, ffn {cfg.ffn_hidden}, vocab {cfg.vocab_size}, "
           f"{'tied' if cfg.tie_embeddings else 'untied'}), batch {a.batch} x {a.context}, "
-          f"{flops_per_token(cfg, a.context) / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}, "
+          f"{flops / 1e6:.1f} MFLOP per token; max logit difference {diff:.1e}, "
           f"loss difference {fused:.1e}")
-    peak = matmul_rate()
+    peak = matmul_flops()
     for precision in a.precision:
         dtype = DTYPES[precision]
         for name, (fwd, params) in runners.items():  # warm-up: first calls allocate, pick kernels, compile
@@ -135,12 +124,12 @@ def main() -> None:
         for _ in range(a.rounds):
             for name, (fwd, params) in runners.items():
                 best[name] = min(best[name], step_seconds(fwd, x, y, params, a.steps, dtype))
-            peak = max(peak, matmul_rate())
-        report(precision, best, peak, a.batch * a.context, flops_per_token(cfg, a.context))
+            peak = max(peak, matmul_flops())
+        report(precision, best, peak, a.batch * a.context, flops)
 
 
 def report(precision: str, best: dict[str, float], peak: float, tokens: int, flops: float) -> None:
-    bf16 = f"; bfloat16 {matmul_rate(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s" if precision == "bf16" else ""
+    bf16 = f"; bfloat16 {matmul_flops(dtype=torch.bfloat16) / 1e9:.1f} GFLOP/s" if precision == "bf16" else ""
     print(f"\n{precision}: float32 matmul, 2048^3: {peak / 1e9:.1f} GFLOP/s{bf16}")
     print(f"{'':24}{'step (ms)':>10}{'tokens/s':>11}{'GFLOP/s':>9}{'of fp32 matmul':>16}")
     for name, seconds in best.items():

@@ -18,7 +18,7 @@ change in the machine's load hits both; each keeps its best round.
 
 MFU is the step's useful FLOPs (`scratchlm.model.info.flops_per_token`: 6 per matrix weight per token plus
 attention) per second, over the device's rate: on a CPU the float32 rate of a large matrix product on the
-same threads, measured alongside (`bench/model.py`'s `matmul_rate`); on a GPU the dense bf16 peak of
+same threads, measured alongside (`scratchlm.train.mfu.matmul_flops`); on a GPU the dense bf16 peak of
 `scratchlm.train.mfu.GPU_PEAK_BF16`. Without CUDA, `--device cuda` says so in one line and exits 0.
 """
 from __future__ import annotations
@@ -29,22 +29,18 @@ import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from model import matmul_rate  # noqa: E402  (bench/model.py, the same measurement)
-
-from scratchlm.config import PRESETS, TrainConfig, build_config  # noqa: E402
-from scratchlm.convert.families import to_hf_config  # noqa: E402
-from scratchlm.convert.hf import to_gpt2, to_llama  # noqa: E402
-from scratchlm.model.info import count_params, flops_per_token  # noqa: E402
-from scratchlm.model.transformer import Transformer  # noqa: E402
-from scratchlm.train.loop import autocast_for  # noqa: E402
-from scratchlm.train.mfu import peak_flops  # noqa: E402
-from scratchlm.train.optim import build_optimizer, set_lr  # noqa: E402
+from scratchlm.config import PRESETS, TrainConfig, build_config
+from scratchlm.convert.families import to_hf_config
+from scratchlm.convert.hf import to_gpt2, to_llama
+from scratchlm.model.info import count_params, flops_per_token
+from scratchlm.model.transformer import Transformer
+from scratchlm.train.loop import autocast_for
+from scratchlm.train.mfu import matmul_flops, peak_flops
+from scratchlm.train.optim import build_optimizer, set_lr
 
 
 def peer_model(cfg, weights: dict[str, torch.Tensor]):
@@ -144,7 +140,7 @@ def main() -> None:
         diff = (ours(x[:2]) - theirs(x[:2]).logits).abs().max().item()
     for side in sides.values():  # warm-up: allocation, kernel choice, compilation, the optimizer's state
         side.seconds(x, y, 2)
-    peak = peak_flops(device) if a.device == "cuda" else matmul_rate()
+    peak = peak_flops(device) if a.device == "cuda" else matmul_flops()
     best = {name: float("inf") for name in sides}
     memory = {name: 0 for name in sides}
     for r in range(a.rounds):
@@ -155,7 +151,7 @@ def main() -> None:
             if a.device == "cuda":
                 memory[name] = max(memory[name], torch.cuda.max_memory_allocated(device))
         if a.device == "cpu":
-            peak = max(peak, matmul_rate())
+            peak = max(peak, matmul_flops())
         print(f"  round {r + 1}: {best['scratchlm'] * 1e3:.1f} vs {best['transformers'] * 1e3:.1f} ms a step "
               f"(load {os.getloadavg()[0]:.2f})", file=sys.stderr, flush=True)
 

@@ -28,19 +28,24 @@ GPU_PEAK_BF16 = {
 _cpu_peak: dict[torch.dtype, float] = {}
 
 
-def cpu_matmul_flops(n: int = 2048, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
-    """Measured matmul FLOP/s in `dtype` (cached for the process): the best single product within the
-    time allowed, so that a moment of load from another process lowers the peak as little as it can
-    (a low peak would inflate MFU past 100%)."""
+def matmul_flops(n: int = 2048, seconds: float = 0.5, dtype: torch.dtype = torch.float32) -> float:
+    """Measured FLOP/s of an n x n by n x n product in `dtype` on this process's threads: the best single
+    product within the time allowed, so that a moment of load from another process lowers the figure as
+    little as it can (a low peak would inflate MFU past 100%)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up the kernels and thread pool
+    best, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds or best == float("inf"):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def cpu_matmul_flops(dtype: torch.dtype = torch.float32) -> float:
+    """`matmul_flops` in `dtype`, measured once a process."""
     if dtype not in _cpu_peak:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up the kernels and thread pool
-        best, start = float("inf"), time.perf_counter()
-        while time.perf_counter() - start < seconds or best == float("inf"):
-            t = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t)
-        _cpu_peak[dtype] = 2 * n**3 / best
+        _cpu_peak[dtype] = matmul_flops(dtype=dtype)
     return _cpu_peak[dtype]
 
 

@@ -68,7 +68,6 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                                       ns_steps=ns_steps))
         self.ns_dtype = ns_dtype
-        self._ns_dtypes: dict[torch.device, torch.dtype] = {}  # per device, decided at its first step
         for group in self.param_groups:
             for p in group["params"]:
                 if p.dim() != 2:
@@ -77,9 +76,7 @@ class Muon(torch.optim.Optimizer):
     def _ns_dtype(self, device: torch.device) -> torch.dtype:
         if self.ns_dtype is not None:
             return self.ns_dtype
-        if device not in self._ns_dtypes:
-            self._ns_dtypes[device] = torch.bfloat16 if multiplies_bf16_natively(device) else torch.float32
-        return self._ns_dtypes[device]
+        return torch.bfloat16 if multiplies_bf16_natively(device) else torch.float32
 
     @torch.no_grad()
     def step(self, closure=None):
