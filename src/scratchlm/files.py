@@ -1,0 +1,91 @@
+"""Writing files and folders so that a reader never sees half of one.
+
+Everything a stage leaves on disk (configs, tokenizers, datasets, exports, plots) goes through these:
+the content is written under a temporary name in the same directory, flushed to disk, then renamed into
+place, which the filesystem does atomically. A crash, Ctrl-C or SIGKILL leaves the old file or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from scratchlm.errors import UserError
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (a rename is only as durable as its directory entry)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    # the pid keeps two processes writing the same file from sharing (and truncating) one temp file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def make_dir(path: Path) -> None:
+    """mkdir -p that names the culprit when a file stands where a folder should be."""
+    path = Path(path)
+    for parent in [path, *path.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{parent} is a file, not a folder: choose another path")
+    path.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: Path, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `dest`; when the block ends without an error, it becomes
+    `dest`. With `replace`, an existing `dest` is swapped out (removed only once the new one is in place
+    beside it); without, an existing non-empty `dest` is refused before anything is written.
+
+    The folder gets the permissions a plain mkdir would (0777 minus the umask), not mkdtemp's 0700, so a
+    run another user may read is loadable by them too."""
+    dest = Path(dest)
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} is a file, not a folder: choose another path")
+    if not replace and dest.is_dir() and any(dest.iterdir()):
+        raise UserError(f"{dest} already exists and is not empty: choose another path or pass --force")
+    make_dir(dest.parent)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        yield tmp
+        old = None
+        if dest.exists():
+            old = dest.with_name(f".{dest.name}.{os.getpid()}.old")
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
