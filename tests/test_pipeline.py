@@ -20,7 +20,7 @@ from scratchlm.config import load_config, recipe_path
 from scratchlm.data.shards import open_split
 from scratchlm.infer.generate import SamplingParams, generate
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train import checkpoint as ckpt
+from scratchlm import rundir
 from scratchlm.train.loop import pretrain
 
 SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
@@ -47,8 +47,8 @@ def test_run_folder_has_everything_and_loads(play_text, tmp_path):
                       run, progress=False)
 
     assert (run / "config.toml").is_file() and (run / "loss.png").stat().st_size > 1000
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000006", "step_00000012"]
-    weights = load_file(ckpt.list_checkpoints(run)[-1] / "model.safetensors")
+    assert [p.name for p in rundir.list_checkpoints(run)] == ["step_00000006", "step_00000012"]
+    weights = load_file(rundir.list_checkpoints(run)[-1] / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())  # CPU training stays float32
     assert not list(run.rglob("*.pt")) and not list(run.rglob("*.pkl"))
 
@@ -94,7 +94,7 @@ def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_
     # metrics.jsonl holds rows the resumed run must replace.
     killed = tmp_path / "killed"
     pretrain(small_config(play_text, *config), killed, progress=False)
-    for later in ckpt.list_checkpoints(killed)[1:]:
+    for later in rundir.list_checkpoints(killed)[1:]:
         shutil.rmtree(later)
     (killed / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in rows(killed) if r["step"] <= 7 and not r.get("final")))
@@ -104,8 +104,8 @@ def test_resume_after_a_kill_repeats_the_same_losses_bit_for_bit(play_text, tmp_
         return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "seconds", "mfu")} for r in rows(run)]
 
     assert untimed(killed) == untimed(straight)
-    a = load_file(ckpt.list_checkpoints(straight)[-1] / "model.safetensors")
-    b = load_file(ckpt.list_checkpoints(killed)[-1] / "model.safetensors")
+    a = load_file(rundir.list_checkpoints(straight)[-1] / "model.safetensors")
+    b = load_file(rundir.list_checkpoints(killed)[-1] / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

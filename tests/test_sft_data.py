@@ -154,7 +154,7 @@ def test_named_datasets_come_through_load_records_with_their_splits(monkeypatch)
             return [{"question": f"{split} q{i}", "answer": "a", "category": "ai"} for i in range(3)]
         return [{"messages": [user(f"{split} hi"), bot("hey")]}]
 
-    monkeypatch.setattr("scratchlm.data.sources.load_records", fake)
+    monkeypatch.setattr("scratchlm.data.dialogues.load_records", fake)
     cb = load_source(parse_source("chatterbot"))
     assert calls == [("chatterbot", "train"), ("chatterbot", "val")]
     assert cb.train[0] == [user("train q0"), bot("a")] and cb.val[2] == [user("val q2"), bot("a")]

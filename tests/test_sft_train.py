@@ -22,7 +22,7 @@ from scratchlm.infer.sampling import SamplingParams
 from scratchlm.sft.persona import Persona
 from scratchlm.sft.settings import load_persona, mixture
 from scratchlm.sft.train import finetune
-from scratchlm.train import checkpoint as ckpt
+from scratchlm import rundir
 
 PAIRS = [("Who are you?", "I am Pip."), ("Who made you?", "Ada did."), ("What is 2+2?", "4"), ("Say hi.", "Hi!")]
 # The byte tokenizer of tiny_chat: bytes are their own ids, <pad> 256, <bos> 258, then the chat tokens.
@@ -116,7 +116,7 @@ def test_an_interrupted_run_resumes_to_the_same_losses_without_its_base(tmp_path
     finetune(sft_config(base, [qa], **settings), straight, progress=False)
     # The same run, as if killed after its step-4 checkpoint, with rows logged past it.
     shutil.copytree(straight, killed)
-    for later in ckpt.list_checkpoints(killed)[1:]:
+    for later in rundir.list_checkpoints(killed)[1:]:
         shutil.rmtree(later)
     (killed / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(killed) if r["step"] <= 6
                                                   and not r.get("final")))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from scratchlm.cli import main
+from scratchlm import fetch
 from scratchlm.data import shards, sources
 from scratchlm.data.shards import encode_corpus, open_split, read_meta
 from scratchlm.tokenizer import Tokenizer, train_bpe
@@ -223,7 +224,7 @@ def test_cli_encode_and_rerun(tok_dir, tmp_path, capsys):
 def test_hf_records_are_documents(tok_dir, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     stories = [f"Story {i}: once upon a time" + " there" * (i % 5) for i in range(20)]
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda timeout=5.0: None)
+    monkeypatch.setattr(fetch, "hub_unreachable", lambda timeout=5.0: None)
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: datasets.Dataset.from_dict({"text": stories}))
     meta = shards.encode_sources(tok_dir, ["hf:me/stories"], tmp_path / "out", workers=1, progress=False)
     tok = Tokenizer.load(tok_dir)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from scratchlm import fetch
 from scratchlm.data import dialogues, sources
 from scratchlm.errors import UserError
 
@@ -41,9 +42,9 @@ def read_split(split: sources.DataSplit) -> tuple[bytes, bytes]:
 
 def test_cache_dir_env_and_default(monkeypatch, tmp_path):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "x"))
-    assert sources.cache_dir() == tmp_path / "x"
+    assert fetch.cache_dir() == tmp_path / "x"
     monkeypatch.delenv("SCRATCHLM_CACHE")
-    assert sources.cache_dir() == Path.home() / ".cache" / "scratchlm"
+    assert fetch.cache_dir() == Path.home() / ".cache" / "scratchlm"
 
 
 def test_registry_and_table():
@@ -176,19 +177,19 @@ def test_unknown_name_suggests_nearest():
 
 
 def test_parse_hf_spec():
-    assert sources.parse_hf_spec("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
-    assert sources.parse_hf_spec("hf:wikitext:wikitext-2-raw-v1@train[:10%]") == (
+    assert fetch.parse_hf_spec("hf:roneneldan/TinyStories") == ("roneneldan/TinyStories", None, "train")
+    assert fetch.parse_hf_spec("hf:wikitext:wikitext-2-raw-v1@train[:10%]") == (
         "wikitext", "wikitext-2-raw-v1", "train[:10%]")
-    assert sources.parse_hf_spec("hf:a/b@validation") == ("a/b", None, "validation")
+    assert fetch.parse_hf_spec("hf:a/b@validation") == ("a/b", None, "validation")
     with pytest.raises(UserError):
-        sources.parse_hf_spec("hf:@train")
+        fetch.parse_hf_spec("hf:@train")
 
 
 def test_hf_unreachable_hub_fails_fast_without_importing(monkeypatch):
     if importlib.util.find_spec("datasets") is None:
         pytest.skip("datasets not installed")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda timeout=5.0: "Name or service not known")
+    monkeypatch.setattr(fetch, "hub_unreachable", lambda timeout=5.0: "Name or service not known")
     with pytest.raises(UserError, match=r"^cannot fetch hf:some/set from the Hugging Face Hub \(no internet\?\): "
                                         r"Name or service not known$"):
         sources.get_dataset("hf:some/set", progress=False)
@@ -202,7 +203,7 @@ def test_hf_happy_path_with_stubbed_hub(monkeypatch):
         seen.append((name, config, split))
         return datasets.Dataset.from_dict({"story": [f"s{i}" for i in range(10)] + [None], "n": list(range(11))})
 
-    monkeypatch.setattr(sources, "_hub_unreachable", lambda timeout=5.0: None)
+    monkeypatch.setattr(fetch, "hub_unreachable", lambda timeout=5.0: None)
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     split = sources.get_dataset("hf:me/stories:small@train[:50%]", progress=False, text_field="story")
     assert seen == [("me/stories", "small", "train[:50%]")]
@@ -273,7 +274,7 @@ def test_pip_failure_is_one_line_with_command(monkeypatch):
     def fake_run(cmd, **kw):
         return subprocess.CompletedProcess(cmd, 1, "", "Looking in indexes\nERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    monkeypatch.setattr(fetch.subprocess, "run", fake_run)
     with pytest.raises(UserError) as err:
         sources.get_dataset("chatterbot", progress=False)
     msg = str(err.value)
@@ -355,7 +356,7 @@ def fake_wheels(tmp_path: Path, monkeypatch, n_chats: int = 20) -> None:
     with zipfile.ZipFile(chitchat, "w") as zf:
         zf.writestr("chitchat_dataset/dataset.json", json.dumps(data))
     wheels = {"chatterbot-corpus==1.3.3": chatterbot, "chitchat-dataset==0.9.0": chitchat}
-    monkeypatch.setattr(sources, "_pip_fetch", lambda spec, root, sdist, progress: wheels[spec])
+    monkeypatch.setattr(dialogues, "pip_fetch", lambda spec, root, sdist, progress: wheels[spec])
 
 
 def test_dialogue_sets_from_wheels(tmp_path, monkeypatch):
@@ -363,25 +364,25 @@ def test_dialogue_sets_from_wheels(tmp_path, monkeypatch):
     train, val = read_split(sources.get_dataset("chitchat", progress=False))
     # every tenth conversation is held out, so that val spans the whole set rather than its last topic
     assert train.decode().count("\n\n") == 18 and val == b"hi 9\nhello 9\n\nhi 19\nhello 19\n\n"
-    val_recs = sources.load_records("chitchat", split="val", progress=False)
+    val_recs = dialogues.load_records("chitchat", split="val", progress=False)
     assert [r["messages"][0]["content"] for r in val_recs] == ["hi 9", "hi 19"]
-    train_recs = sources.load_records("chitchat", split="train", progress=False)
+    train_recs = dialogues.load_records("chitchat", split="train", progress=False)
     assert [r["messages"][0]["content"] for r in train_recs] == [f"hi {i}" for i in range(20) if i not in (9, 19)]
-    assert len(sources.load_records("chitchat", progress=False)) == 20
+    assert len(dialogues.load_records("chitchat", progress=False)) == 20
 
     train, val = read_split(sources.get_dataset("chatterbot", progress=False))
     assert b"Hola" not in train + val  # English only
     assert val == b"How are you?\nyes\n\n"  # 4 conversations: last one is val
-    assert sources.load_records("chatterbot", split="val", progress=False) == [
+    assert dialogues.load_records("chatterbot", split="val", progress=False) == [
         {"question": "How are you?", "answer": "yes", "category": "greetings"}]
-    assert len(sources.load_records("chatterbot", progress=False)) == 4
+    assert len(dialogues.load_records("chatterbot", progress=False)) == 4
 
 
 def test_load_records_rejects_plain_text_sets():
     with pytest.raises(UserError, match="chatterbot, chitchat"):
-        sources.load_records("shakespeare")
+        dialogues.load_records("shakespeare")
     with pytest.raises(UserError, match="split"):
-        sources.load_records("chitchat", split="test")
+        dialogues.load_records("chitchat", split="test")
 
 
 # --- real downloads -------------------------------------------------------------------------------
@@ -413,13 +414,13 @@ def test_real_shakespeare(shared_cache, monkeypatch):
 @pytest.mark.slow
 def test_real_dialogue_packages(shared_cache, monkeypatch):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(shared_cache))
-    chats = sources.load_records("chitchat", progress=False)
+    chats = dialogues.load_records("chitchat", progress=False)
     assert len(chats) == 7168
     roles = [m["role"] for m in chats[0]["messages"]]
     assert roles[:4] == ["user", "assistant", "user", "assistant"]
-    pairs = sources.load_records("chatterbot", progress=False)
+    pairs = dialogues.load_records("chatterbot", progress=False)
     assert {"ai", "greetings", "trivia"} <= {p["category"] for p in pairs}
-    held_out = {p["category"] for p in sources.load_records("chatterbot", split="val", progress=False)}
+    held_out = {p["category"] for p in dialogues.load_records("chatterbot", split="val", progress=False)}
     assert len(held_out) >= 10  # the held-out pairs come from across the topics, not from the last file
     assert all(p["question"] and p["answer"] for p in pairs)
     for name in ("chitchat", "chatterbot"):

@@ -12,7 +12,7 @@ from scratchlm.cli import main
 from scratchlm.config import load_config, recipe_path
 from scratchlm.errors import UserError
 from scratchlm.sweep import combinations, parse_grid, run_sweep
-from scratchlm.train import checkpoint as ckpt
+from scratchlm import rundir
 
 RECIPE = str(recipe_path("shakespeare-cpu.toml"))
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16", "data.vocab_size=280",
@@ -131,7 +131,7 @@ def test_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(play_text, t
     # Now as if the machine died during the second run, some time after its step-4 checkpoint, before the
     # third began: later checkpoints never happened, metrics.jsonl holds rows past the checkpoint.
     run2 = out / names[1]
-    for later in ckpt.list_checkpoints(run2)[2:]:
+    for later in rundir.list_checkpoints(run2)[2:]:
         shutil.rmtree(later)
     (run2 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(run2) if r["step"] <= 5 and not r.get("final")))
     shutil.rmtree(out / names[2])

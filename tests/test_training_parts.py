@@ -201,7 +201,7 @@ def test_reference_adamw_matches_pytorch():
 
 def test_bf16_native_precision_follows_the_hardware_and_bad_values_name_the_choices(monkeypatch):
     from scratchlm.errors import UserError
-    from scratchlm.train.loop import autocast_for, compute_dtype
+    from scratchlm.runtime import autocast_for, compute_dtype
 
     cpu = torch.device("cpu")
     assert compute_dtype(cpu, "auto") == torch.float32 and autocast_for(cpu, "fp32") is None

@@ -86,7 +86,7 @@ def cmd_sft(a):
 def cmd_generate(a):
     from scratchlm.infer.generate import SamplingParams, stream, stream_text
     from scratchlm.loading import load
-    from scratchlm.train.loop import pick_device
+    from scratchlm.runtime import pick_device
 
     loaded = load(a.checkpoint, pick_device(a.device))
     tok = loaded.tokenizer
@@ -136,7 +136,7 @@ def cmd_rate(a):
 
 
 def cmd_attention(a):
-    from scratchlm.train.loop import pick_device
+    from scratchlm.runtime import pick_device
     from scratchlm.viz.attention import plot_checkpoint_attention
 
     path, n = plot_checkpoint_attention(a.checkpoint, a.prompt, Path(a.out), a.layer, pick_device(a.device))
@@ -161,7 +161,11 @@ def cmd_plot(a):
         steps = a.steps or train.max_steps
         if not steps:
             raise UserError(f"{a.schedule} sets no train.max_steps (it runs for a time budget); give --steps N")
-        print(f"wrote {plot_schedule(train, steps, Path(a.out))}")
+        from scratchlm.train.optim import lr_at
+
+        lrs = [lr_at(s, steps, train) for s in range(steps)]
+        title = f"{train.schedule} schedule, {train.warmup_steps} warmup steps, peak {train.lr:g}"
+        print(f"wrote {plot_schedule(lrs, title, Path(a.out))}")
     elif a.runs:
         print(f"wrote {plot_runs([Path(r) for r in a.runs], Path(a.out))}")
     else:

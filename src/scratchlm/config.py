@@ -185,7 +185,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def save(self, path: Path) -> None:
-        from scratchlm.train.checkpoint import atomic_write_text
+        from scratchlm.files import atomic_write_text
 
         atomic_write_text(path, tomli_w.dumps(self.to_dict()))
 

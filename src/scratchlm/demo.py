@@ -14,7 +14,8 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import get_dataset
 from scratchlm.infer.generate import SamplingParams, generate
 from scratchlm.loading import load
-from scratchlm.train.loop import pick_device, pretrain
+from scratchlm.runtime import pick_device
+from scratchlm.train.loop import pretrain
 
 PROMPTS = ["ROMEO.\n", "LADY MACBETH.\n", "KING HENRY.\nNow"]
 

@@ -10,7 +10,7 @@ from scratchlm.config import RunConfig, load_config
 from scratchlm.errors import UserError
 from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.checkpoint import load_weights, resolve_checkpoint
+from scratchlm.rundir import load_weights, resolve_checkpoint
 
 
 @dataclass

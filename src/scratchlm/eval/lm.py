@@ -12,13 +12,13 @@ from scratchlm.errors import UserError
 def val_shards(tokenizer, tokenizer_dir: Path, source: str, progress: bool = True) -> Path:
     """The validation split of `source`, encoded with this tokenizer, cached by what it was made from
     (dataset, its size and the tokenizer's fingerprint), so a second eval reads it back."""
-    from scratchlm.data.prepare import _key, _safe
     from scratchlm.data.shards import encode_corpus, tokenizer_fingerprint
-    from scratchlm.data.sources import cache_dir, get_dataset
+    from scratchlm.data.sources import get_dataset
+    from scratchlm.fetch import cache_dir, digest, slug
 
     split = get_dataset(source, progress=progress)
     fingerprint = tokenizer_fingerprint(tokenizer_dir)
-    shard_dir = cache_dir() / "eval-shards" / f"{_safe(split.name)}-{fingerprint}-{_key(split.val_bytes)}"
+    shard_dir = cache_dir() / "eval-shards" / f"{slug(split.name)}-{fingerprint}-{digest(split.val_bytes)}"
     if not (shard_dir / "meta.json").exists():
         encode_corpus(tokenizer, tokenizer_dir, {"val": [split.val]}, shard_dir, progress)
     return shard_dir
@@ -96,7 +96,7 @@ def run_eval(a) -> None:
             tokenizer_dir, run_source = Path(a.tokenizer), None
         elif a.checkpoint:
             from scratchlm.config import load_config
-            from scratchlm.train.checkpoint import resolve_checkpoint
+            from scratchlm.rundir import resolve_checkpoint
 
             run_dir, _ = resolve_checkpoint(a.checkpoint)
             tokenizer_dir, run_source = run_dir / "tokenizer", load_config(run_dir / "config.toml").data.dataset
@@ -113,7 +113,7 @@ def run_eval(a) -> None:
     if not a.checkpoint:
         raise UserError("name a model to evaluate with --checkpoint RUN (or use --baseline ngram --tokenizer DIR)")
     from scratchlm.loading import load
-    from scratchlm.train.loop import pick_device
+    from scratchlm.runtime import pick_device
 
     device = pick_device(a.device)
     loaded = load(a.checkpoint, device)

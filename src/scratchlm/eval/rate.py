@@ -94,7 +94,7 @@ class Samples:
         from scratchlm.chat.template import Prompter, encode_text, has_chat_tokens
         from scratchlm.infer.generate import SamplingParams, complete
         from scratchlm.loading import load
-        from scratchlm.train.loop import pick_device
+        from scratchlm.runtime import pick_device
 
         if checkpoint not in self.loaded:
             self.loaded[checkpoint] = load(checkpoint, pick_device(self.device))

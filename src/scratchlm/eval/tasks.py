@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import UserError
+from scratchlm.runtime import eval_mode
 
 REFERENCE_FIELDS = ("answer", "answers", "output", "completion", "response")
 _PUNCTUATION = set(string.punctuation)
@@ -261,11 +262,9 @@ def choice_logprobs(model, tokenizer, item: Choice) -> list[float]:
 
 
 def score_choices(model, tokenizer, items: Sequence[Choice]) -> tuple[dict, list[dict]]:
-    was_training = model.training
-    model.eval()
     correct = correct_norm = 0
     details = []
-    try:
+    with eval_mode(model):
         for item in items:
             lps = choice_logprobs(model, tokenizer, item)
             norm = [lp / max(1, len(c.encode("utf-8"))) for lp, c in zip(lps, item.choices)]
@@ -274,8 +273,6 @@ def score_choices(model, tokenizer, items: Sequence[Choice]) -> tuple[dict, list
             correct_norm += pick_norm == item.answer
             details.append({"line": item.line, "answer": item.answer, "pick": pick, "pick_norm": pick_norm,
                             "logprobs": lps})
-    finally:
-        model.train(was_training)
     n = len(items)
     return {"accuracy": 100 * correct / n, "accuracy_norm": 100 * correct_norm / n, "examples": n}, details
 
@@ -298,7 +295,7 @@ def run_task(loaded, path: Path, max_new_tokens: int = 64, batch: int = 16, out:
         print(f"{path.name}: {scores['examples']} examples, greedy answers: exact match {scores['exact_match']:.1f}, "
               f"F1 {scores['f1']:.1f}, BLEU {scores['bleu']:.1f}, ROUGE-L {scores['rouge_l']:.1f}")
     if out:
-        from scratchlm.train.checkpoint import atomic_write_text
+        from scratchlm.files import atomic_write_text
 
         atomic_write_text(Path(out), "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in details))
         print(f"per-example results written to {out}")

@@ -245,7 +245,7 @@ def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: st
           model_id: str | None = None, max_batch: int = 8, verbose: bool = False) -> None:
     """Load a checkpoint and serve it until Ctrl-C."""
     from scratchlm.loading import load
-    from scratchlm.train.loop import pick_device
+    from scratchlm.runtime import pick_device
 
     loaded = load(checkpoint, pick_device(device))
     name = model_id or loaded.checkpoint.parent.parent.name

@@ -14,7 +14,6 @@ times, 0.5 takes a different random half every epoch. Batches depend only on the
 """
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from scratchlm.chat.template import render
 from scratchlm.errors import UserError
+from scratchlm.fetch import first_line, import_datasets, parse_hf_spec
 from scratchlm.sft.formats import Record, chats, read_file
 from scratchlm.sft.persona import Persona
 from scratchlm.tokenizer import Tokenizer
@@ -108,20 +108,12 @@ def _held_out(n: int, fraction: float) -> int:
 
 
 def _hf_records(spec: str) -> list[Record]:
-    from scratchlm.data import sources
-
-    name, config, split = sources.parse_hf_spec(spec)
-    if importlib.util.find_spec("datasets") is None:
-        raise UserError(f"{spec} needs the Hugging Face 'datasets' package: pip install 'scratchlm[hf]'")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if not offline and (reason := sources._hub_unreachable()):
-        raise UserError(f"cannot fetch {spec} from the Hugging Face Hub (no internet?): {reason}")
-    import datasets
-
+    name, config, split = parse_hf_spec(spec)
+    datasets = import_datasets(spec)
     try:
         ds = datasets.load_dataset(name, config, split=split)
     except Exception as e:  # the library's failures (network, missing repo, bad config) are the user's to fix
-        raise UserError(f"cannot load {spec}: {(str(e).strip() or type(e).__name__).splitlines()[0][:200]}") from e
+        raise UserError(f"cannot load {spec}: {first_line(e)}") from e
     return [Record(row, f"{spec}, record {i}") for i, row in enumerate(ds)]
 
 
@@ -132,7 +124,7 @@ def load_source(src: SFTSource, persona: Persona | None = None, val_fraction: fl
     was pretrained on)."""
     name = src.source
     if name in NAMED:
-        from scratchlm.data.sources import load_records
+        from scratchlm.data.dialogues import load_records
 
         parts = {}
         for split in ("train", "val"):

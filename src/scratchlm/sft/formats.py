@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from scratchlm.chat.template import ROLES, check_messages
+from scratchlm.chat.template import check_messages
 from scratchlm.errors import UserError
 
 SUMMARY_PROMPT = "Summarize this dialogue:"

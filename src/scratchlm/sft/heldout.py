@@ -10,7 +10,7 @@ from pathlib import Path
 
 from scratchlm.chat.template import Prompter
 from scratchlm.eval import tasks
-from scratchlm.train.checkpoint import atomic_write_text
+from scratchlm.files import atomic_write_text
 
 ANSWERS_FILE = "heldout_answers.jsonl"
 

@@ -24,9 +24,10 @@ from scratchlm.sft import heldout
 from scratchlm.sft.data import prepare_sft, sft_evaluator
 from scratchlm.sft.settings import load_persona, mixture, steps_for_epochs
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train import checkpoint as ckpt
+from scratchlm.rundir import list_checkpoints
 from scratchlm.train import distributed as dist
-from scratchlm.train.loop import Job, autocast_for, fit, pick_device
+from scratchlm.runtime import autocast_for, pick_device
+from scratchlm.train.loop import Job, fit
 
 
 def stage_config(cfg: RunConfig) -> RunConfig:
@@ -40,7 +41,7 @@ def _base_model(cfg: RunConfig, out_dir: Path, verbose: bool = True) -> tuple[Tr
     """The model to train, on the CPU, with a tokenizer that has the chat tokens, and whether the run in
     `out_dir` is being resumed. A resumed run is rebuilt from its own folder (fit then loads its
     checkpoint), so it does not depend on the base run still being as it was."""
-    resuming = cfg.train.resume == "auto" and bool(ckpt.list_checkpoints(out_dir))
+    resuming = cfg.train.resume == "auto" and bool(list_checkpoints(out_dir))
     if resuming:
         model_cfg = load_config(out_dir / "config.toml").model
         return Transformer(model_cfg), Tokenizer.load(out_dir / "tokenizer"), True

@@ -70,8 +70,9 @@ def extrapolation(run_dir: Path, contexts: list[int], eval_tokens: int = 0) -> d
 
     from scratchlm.eval.lm import eval_contexts
     from scratchlm.loading import load
-    from scratchlm.train.checkpoint import atomic_write_text, resolve_checkpoint
-    from scratchlm.train.loop import pick_device
+    from scratchlm.files import atomic_write_text
+    from scratchlm.rundir import resolve_checkpoint
+    from scratchlm.runtime import pick_device
 
     run_dir = Path(run_dir)
     cache_path = run_dir / "extrapolation.json"
@@ -107,7 +108,7 @@ def _duration(seconds) -> str:
 
 def write_report(out: Path, combos, grid_keys: list[str], *, contexts=(), eval_tokens: int = 0,
                  command: str = "", plot: bool = True) -> dict:
-    from scratchlm.train.checkpoint import atomic_write_text
+    from scratchlm.files import atomic_write_text
     from scratchlm.viz.plots import plot_runs
 
     out = Path(out)

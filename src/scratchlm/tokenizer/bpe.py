@@ -18,10 +18,11 @@ from collections.abc import Iterable, Sequence
 from tqdm import tqdm
 
 from scratchlm.errors import UserError
+from scratchlm.runtime import usable_cpus
 from scratchlm.tokenizer.pretokenize import (
     PRETOKEN_RE, check_special_tokens, find_cut_bytes, special_regex, split_specials,
 )
-from scratchlm.tokenizer.tokenizer import normalize_uncased
+from scratchlm.tokenizer.normalize import normalize_uncased
 
 _WINDOW = 1 << 16  # bytes read at a time while looking for a chunk boundary
 
@@ -119,7 +120,7 @@ def count_pretokens(input_path, special_tokens: Sequence[str] = (), *, uncased: 
     """How often each pre-token (a str) occurs in the file(s), counted in parallel over chunks."""
     paths = _paths(input_path)
     if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = usable_cpus()
     total = sum(os.path.getsize(p) for p in paths)
     if chunk_bytes is None:
         chunk_bytes = min(max(total // (4 * workers), 1 << 18), 4 << 20)

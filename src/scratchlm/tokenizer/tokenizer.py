@@ -10,55 +10,21 @@ from __future__ import annotations
 
 import json
 import os
-import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_write_text
+from scratchlm.tokenizer.hf import from_hf_dict, to_hf_dict, tokenizer_config
+from scratchlm.tokenizer.normalize import normalize_uncased
 from scratchlm.tokenizer.pretokenize import (
     GPT2_SPLIT_PATTERN, PRETOKEN_RE, check_special_tokens, find_cut, special_regex, split_specials,
 )
 
 FORMAT = "scratchlm-bpe"
 FILENAME = "tokenizer.json"
-
-# Typographic quotes become the ASCII ones so that `don’t` and `don't` share tokens. Capital sigma is
-# lowered here, to σ, because `str.lower` alone picks σ or ς by context (Unicode's Final_Sigma rule); taking
-# it out of `lower`'s hands makes lowercasing a per-character map, which a Hugging Face normalizer can
-# reproduce exactly (see `tokenizer/hf.py`).
-BEFORE_LOWER = {
-    "\u2018": "'", "\u2019": "'", "\u201a": "'", "\u201b": "'", "\u2032": "'", "\u2035": "'",
-    "`": "'", "\u00b4": "'", "\u201c": '"', "\u201d": '"', "\u201e": '"', "\u201f": '"',
-    "\u2033": '"', "\u2036": '"', "\u00ab": '"', "\u00bb": '"', "\u2039": "'", "\u203a": "'",
-    "\u03a3": "\u03c3",
-}
-_BEFORE_LOWER = str.maketrans(BEFORE_LOWER)
-
-
-class _KeepTable(dict):
-    """`str.translate` table that keeps letters, digits, punctuation and white space, deleting the rest;
-    filled lazily so each distinct character pays for one `unicodedata` lookup."""
-
-    def __missing__(self, code: int):
-        ch = chr(code)
-        keep = unicodedata.category(ch)[0] in "LNP" or ch.isspace()
-        self[code] = code if keep else None
-        return self[code]
-
-
-_KEEP = _KeepTable()
-
-
-def normalize_uncased(text: str) -> str:
-    """Lowercase, straighten curly quotes and drop what is not a letter, digit, punctuation or space.
-
-    NFC first, so that a letter written with a combining accent keeps its accent instead of losing it.
-    Lowercasing maps each character on its own: `Σ` always becomes `σ`, never the word-final `ς`.
-    """
-    return unicodedata.normalize("NFC", text.translate(_BEFORE_LOWER)).lower().translate(_KEEP)
-
 
 class Tokenizer:
     """Byte-level BPE tokenizer.
@@ -386,8 +352,6 @@ class Tokenizer:
         cannot describe (two ids with the same bytes, a special token spelled like an ordinary one) is
         written in scratchlm's own hex format instead, which `load` reads too.
         """
-        from scratchlm.tokenizer.hf import to_hf_dict, tokenizer_config
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "tokenizer_config.json"
@@ -395,28 +359,26 @@ class Tokenizer:
             doc, cfg = to_hf_dict(self), tokenizer_config(self)
         except UserError:
             doc, cfg = self._legacy_dict(), None
-        _write_atomic(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
+        atomic_write_text(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
         if cfg is not None:
-            _write_atomic(config, json.dumps(cfg, indent=2) + "\n")
+            atomic_write_text(config, json.dumps(cfg, indent=2) + "\n")
         elif config.exists():
             config.unlink()  # a stale one would point transformers at a file it cannot read
         specials = set(self._specials.values())
         lines = [f"{i}\t{'special' if i in specials else len(b)}\t{b.decode('utf-8', 'backslashreplace')!r}"
                  for i, b in enumerate(self._vocab)]
-        _write_atomic(directory / "vocab.txt", "id\tbytes\ttoken\n" + "\n".join(lines) + "\n")
+        atomic_write_text(directory / "vocab.txt", "id\tbytes\ttoken\n" + "\n".join(lines) + "\n")
         return directory
 
     def save_hf(self, directory: str | os.PathLike) -> Path:
         """Write `tokenizer.json` and `tokenizer_config.json` in Hugging Face's format; `tokenizers` and
         `transformers.PreTrainedTokenizerFast` encode with them exactly as `encode` does. UserError when
         the format cannot describe this tokenizer."""
-        from scratchlm.tokenizer.hf import to_hf_dict, tokenizer_config
-
         directory = Path(directory)
         doc, cfg = to_hf_dict(self), tokenizer_config(self)
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
+        atomic_write_text(directory / FILENAME, json.dumps(doc, indent=0, ensure_ascii=False) + "\n")
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(cfg, indent=2) + "\n")
         return directory
 
     def _legacy_dict(self) -> dict:
@@ -439,9 +401,11 @@ class Tokenizer:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             if isinstance(doc, dict) and "model" in doc and "format" not in doc:
-                from scratchlm.tokenizer.hf import from_hf_dict
-
-                return from_hf_dict(doc, str(path))
+                vocab, merges, specials, uncased = from_hf_dict(doc, str(path))
+                try:
+                    return cls(vocab, merges, specials, uncased=uncased)
+                except ValueError as e:
+                    raise UserError(f"{path}: cannot read this tokenizer.json: {e}") from None
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r} nor Hugging Face's")
             if doc.get("pattern", GPT2_SPLIT_PATTERN) != GPT2_SPLIT_PATTERN:
@@ -461,16 +425,3 @@ class Tokenizer:
 
         vocab, merges, specials = read_gpt2_files(vocab_path, merges_path)
         return cls(vocab, merges, specials)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()

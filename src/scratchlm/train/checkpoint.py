@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -26,28 +25,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from scratchlm.errors import UserError
-
-STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
+from scratchlm.files import fsync_dir
+from scratchlm.rundir import list_checkpoints
 
 def rng_state() -> dict:
     state = {"python": _jsonable(random.getstate()), "numpy": _jsonable(np.random.get_state()),
@@ -125,46 +104,16 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor] |
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(ckpt_root)
+    fsync_dir(ckpt_root)
     kept = list_checkpoints(run_dir)
     for old in kept[:-keep] if keep > 0 else []:
         if protect is None or old.name != f"step_{protect:08d}":
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder) for either a run folder (its latest checkpoint) or a checkpoint."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint not found: {path}")
-    if (path / "model.safetensors").exists():
-        return path.parent.parent, path
-    found = list_checkpoints(path)
-    if not found:
-        raise UserError(f"{path} holds no checkpoint (expected {path}/checkpoints/step_*/model.safetensors)")
-    return path, found[-1]
-
-
-def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # A tied output head may be stored once, under the embedding's name.
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{ckpt_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def load_training_state(ckpt_dir: Path) -> dict:

@@ -32,46 +32,15 @@ from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.hardware import multiplies_bf16_natively
+from scratchlm.files import atomic_write_text
+from scratchlm.rundir import list_checkpoints, load_weights
+from scratchlm.runtime import autocast_for, compute_dtype, pick_device
 from scratchlm.train.loggers import Sinks
 from scratchlm.train.mfu import peak_flops
 from scratchlm.train.optim import build_optimizer, lr_at, set_lr
 
 CALIBRATE_AFTER = 20      # steps timed before the schedule is sized to a time budget
 MAX_BAD_STEPS = 5         # non-finite losses in a row before the run gives up
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
-    return torch.device(name)
-
-
-def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype of the matrix products that `train.precision` asks for on this device."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    elif precision == "bf16-native":
-        precision = "bf16" if multiplies_bf16_natively(device) else "fp32"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
-        raise UserError(f"train.precision = {precision!r} is not one of auto, bf16-native, fp32, bf16, fp16")
-    return dtype
-
-
-def autocast_for(device: torch.device, precision: str):
-    """A factory of autocast contexts, or None for plain float32. Autocast computes matrix products in
-    16 bits while the parameters (and so the optimizer) stay float32."""
-    dtype = compute_dtype(device, precision)
-    if dtype == torch.float32:
-        return None
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
 class MetricsLog:
@@ -83,7 +52,7 @@ class MetricsLog:
         if keep_through_step is not None and path.exists():
             rows = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            ckpt.atomic_write_text(path, "".join(r + "\n" for r in rows))
+            atomic_write_text(path, "".join(r + "\n" for r in rows))
         elif keep_through_step is None and path.exists():
             path.unlink()
         self.file = open(path, "a")
@@ -136,7 +105,7 @@ class Job:
 
 def _prepare_run_dir(out_dir: Path, cfg: RunConfig, tokenizer_dir: Path) -> Path | None:
     """Create the run folder; return the checkpoint to resume from, if any."""
-    existing = ckpt.list_checkpoints(out_dir)
+    existing = list_checkpoints(out_dir)
     if existing and cfg.train.resume != "auto":
         raise UserError(f"{out_dir} already holds a run; continue it with --resume or choose another --out")
     if cfg.train.resume not in ("no", "auto"):
@@ -206,11 +175,11 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
         resume_from = _prepare_run_dir(out_dir, cfg, job.tokenizer_dir)
     dist.barrier(d)
     if not d.main:
-        resume_from = (ckpt.list_checkpoints(out_dir) or [None])[-1]
+        resume_from = (list_checkpoints(out_dir) or [None])[-1]
 
     model = job.model
     if resume_from is not None:
-        ckpt.load_weights(model, resume_from)
+        load_weights(model, resume_from)
     model.to(device)
     if tc.activation_checkpointing:
         from torch.distributed._composable import checkpoint as recompute

@@ -7,7 +7,7 @@ import torch
 
 from scratchlm.config import TrainConfig
 from scratchlm.errors import UserError
-from scratchlm.train.hardware import multiplies_bf16_natively
+from scratchlm.runtime import multiplies_bf16_natively
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from scratchlm.errors import UserError
-from scratchlm.viz.plots import _save, plt
+from scratchlm.runtime import eval_mode
+from scratchlm.viz.plots import save_figure, plt
 
 LABELLED_TOKENS = 48     # past this many tokens the axes get no labels: they would overlap
 
@@ -21,18 +22,16 @@ LABELLED_TOKENS = 48     # past this many tokens the axes get no labels: they wo
 def attention_maps(model, ids: list[int]) -> list[torch.Tensor]:
     """One (heads, T, T) tensor per layer: row i is how query position i spreads over positions 0..i."""
     modules = [block.attn for block in model.blocks]
-    was_training = model.training
-    model.eval()
     try:
         for m in modules:
             m.keep_weights, m.last_weights = True, None
         device = next(model.parameters()).device
-        model(torch.tensor([ids], device=device))
+        with eval_mode(model):
+            model(torch.tensor([ids], device=device))
         maps = [m.last_weights[0].float().cpu() for m in modules]
     finally:
         for m in modules:
             m.keep_weights, m.last_weights = False, None
-        model.train(was_training)
     return maps
 
 
@@ -74,7 +73,7 @@ def plot_attention(maps: list[torch.Tensor], labels: list[str], out: Path, layer
                 ax.set_xlabel("key (attended to)", fontsize=7)
     fig.suptitle((title + "\n" if title else "") + "attention weight: 0 dark to 1 yellow; each row sums to 1",
                  fontsize=9)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_checkpoint_attention(checkpoint: str, prompt: str, out: Path, layer: int | None = None,

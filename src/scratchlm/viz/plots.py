@@ -18,7 +18,17 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; is it a run folder?")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    try:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                rows.append(json.loads(line))
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; is it a metrics.jsonl scratchlm wrote?") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {n}: not a JSON row ({e.msg}); remove or fix that line") from None
+    if not all(isinstance(r, dict) for r in rows):
+        raise UserError(f"{path}: every line must be a JSON object; is it a metrics.jsonl scratchlm wrote?")
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
@@ -44,23 +54,21 @@ def plot_runs(run_dirs: list[Path], out: Path, x: str = "tokens") -> Path:
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def plot_schedule(train_cfg, steps: int, out: Path) -> Path:
-    """The learning rate a run of `steps` steps will follow, drawn before it starts."""
-    from scratchlm.train.optim import lr_at
-
+def plot_schedule(lrs: list[float], title: str, out: Path) -> Path:
+    """The learning rate of each step of a run (`train.optim.lr_at`), drawn before it starts."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    ax.plot(range(1, steps + 1), [lr_at(s, steps, train_cfg) for s in range(steps)])
-    ax.set_title(f"{train_cfg.schedule} schedule, {train_cfg.warmup_steps} warmup steps, peak {train_cfg.lr:g}")
+    ax.plot(range(1, len(lrs) + 1), lrs)
+    ax.set_title(title)
     ax.set_xlabel("step")
     ax.set_ylabel("learning rate")
     ax.grid(alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out)
 
 
-def _save(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     """Write the figure (PNG or SVG by suffix) under a temporary name, then rename it into place."""
     fig.tight_layout()
     out = Path(out)

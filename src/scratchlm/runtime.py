@@ -1,0 +1,75 @@
+"""Where and in what precision code runs: device choice, compute dtype, autocast, CPU count.
+
+The ground floor for every stage that touches a model: serving, chat and evaluation import this, not the
+training loop.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+from scratchlm.errors import UserError
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+    return torch.device(name)
+
+
+def multiplies_bf16_natively(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products run in hardware here: a CUDA device that supports them, or a CPU
+    with AMX or AVX-512 BF16 units (elsewhere oneDNN converts to float32 and bf16 is slower, not faster)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # private probes of torch.cpu, read with a False default in case a release renames them
+        probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    return False
+
+
+def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype of the matrix products that `train.precision` asks for on this device."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    elif precision == "bf16-native":
+        precision = "bf16" if multiplies_bf16_natively(device) else "fp32"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise UserError(f"train.precision = {precision!r} is not one of auto, bf16-native, fp32, bf16, fp16")
+    return dtype
+
+
+def autocast_for(device: torch.device, precision: str):
+    """A factory of autocast contexts, or None for plain float32. Autocast computes matrix products in
+    16 bits while the parameters (and so the optimizer) stay float32."""
+    dtype = compute_dtype(device, precision)
+    if dtype == torch.float32:
+        return None
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Run a block with the model in eval mode (no dropout) and give it back in the mode it came in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
