@@ -101,7 +101,7 @@ def measure(T: int, D: int, a) -> dict:
     for name, fn in (("ours", ours), ("sdpa", peer)):
         row[f"fwd_ms_{name}"] = median_ms(fn, a.repeats)
         out = fn()
-        row[f"bwd_ms_{name}"] = median_ms(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
+        row[f"bwd_ms_{name}"] = median_ms(lambda out=out: torch.autograd.grad(out, (q, k, v), do, retain_graph=True),
                                           a.repeats)
         row[f"fwd_tflops_{name}"] = fwd_flops / row[f"fwd_ms_{name}"] / 1e9
         row[f"bwd_tflops_{name}"] = bwd_flops / row[f"bwd_ms_{name}"] / 1e9
