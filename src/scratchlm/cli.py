@@ -22,16 +22,15 @@ def cmd_data_list(a):
 
 
 def cmd_data_get(a):
-    import shutil
-
     from scratchlm.data.sources import get_dataset
 
     split = get_dataset(a.name)
     train, val = split.train, split.val
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        train, val = Path(shutil.copy(split.train, out / "train.txt")), Path(shutil.copy(split.val, out / "val.txt"))
+        from scratchlm.files import atomic_copy, make_dir
+
+        make_dir(Path(a.out))
+        train, val = atomic_copy(split.train, Path(a.out) / "train.txt"), atomic_copy(split.val, Path(a.out) / "val.txt")
     print(f"train {train} ({split.train_bytes:,} bytes)")
     print(f"val   {val} ({split.val_bytes:,} bytes)")
 

@@ -26,20 +26,34 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; whatever was written there is renamed onto `path`."""
     path = Path(path)
     # the pid keeps two processes writing the same file from sharing (and truncating) one temp file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _replacing(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_copy(src: Path, dst: Path) -> Path:
+    """Copy a file of any size (streamed, not read whole) so that `dst` is either the old file or a
+    complete copy."""
+    with _replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)
+    return Path(dst)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

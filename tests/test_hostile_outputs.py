@@ -1,0 +1,87 @@
+"""Where commands write: a file standing where a folder should be, the permissions of what is written,
+and output files from other runs read back (plot). Each hostile input is built here."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+from scratchlm.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def one_line_error(capsys, argv) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
+    return err.splitlines()[-1]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("the cat sat on the mat. the dog sat on the log.\n" * 50)
+    return path
+
+
+def test_tokenizer_out_pointing_at_a_file(tmp_path, corpus, capsys):
+    target = tmp_path / "taken"
+    target.write_text("a file the user cares about\n")
+    err = one_line_error(capsys, ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
+                                  "--out", str(target)])
+    assert str(target) in err and "is a file" in err
+    assert target.read_text() == "a file the user cares about\n"
+    err = one_line_error(capsys, ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300",
+                                  "--out", str(target / "below")])
+    assert "is a file" in err
+
+
+def test_tokenizer_folder_is_readable_by_others_under_umask_022(tmp_path, corpus):
+    # mkdtemp makes 0700 folders: a tokenizer renamed into place from one could not be loaded by the
+    # other users who can read the rest of the run
+    old = os.umask(0o022)
+    try:
+        assert main(["tokenizer", "train", "--input", str(corpus), "--vocab-size", "300", "--out", str(tmp_path / "tok")]) == 0
+    finally:
+        os.umask(old)
+    folder = tmp_path / "tok"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+    for f in folder.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_data_get_out_pointing_at_a_file(tmp_path, corpus, capsys):
+    target = tmp_path / "taken"
+    target.write_text("keep me\n")
+    err = one_line_error(capsys, ["data", "get", str(corpus), "--out", str(target)])
+    assert "is a file" in err and target.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"\xff\xfe\x00garbage\n", "not UTF-8"),
+    (json.dumps({"step": 1, "loss": 2.0}).encode() + b"\n{\"step\": 2, \"loss\n", "line 2"),
+    (b"[1, 2, 3]\n", "JSON object"),
+])
+def test_plot_on_a_damaged_metrics_file(tmp_path, capsys, content, says):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_bytes(content)
+    err = one_line_error(capsys, ["plot", str(run), "--out", str(tmp_path / "runs.png")])
+    assert "metrics.jsonl" in err and says in err
+
+
+def test_data_get_out_keeps_what_else_is_in_the_folder(tmp_path, corpus):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    assert main(["data", "get", str(corpus), "--out", str(out)]) == 0
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert (out / "train.txt").stat().st_size + (out / "val.txt").stat().st_size == corpus.stat().st_size
