@@ -88,3 +88,10 @@ def test_data_list_names_sizes_and_licences(capsys):
     for name in ("shakespeare", "chatterbot", "chitchat"):
         assert name in table
     assert "licen" in table.lower()
+
+
+def test_model_info_of_a_recipe_counts_the_vocabulary_it_trains(capsys):
+    # the demo recipe trains a 2048-token tokenizer, and pretrain sizes the model to it
+    assert main(["model", "info", "--config", RECIPE]) == 0
+    out = capsys.readouterr().out
+    assert "vocab 2048" in out and "1,115,264" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from scratchlm.errors import UserError
@@ -175,7 +176,13 @@ def cmd_model_info(a):
     from scratchlm.config import load_config, preset_config
     from scratchlm.model.info import describe
 
-    cfg = load_config(a.config).model if a.config else preset_config(a.preset)
+    if a.config:
+        run = load_config(a.config)
+        # a recipe that trains its own tokenizer gets a model as wide as that tokenizer, as pretrain builds it
+        own_tokenizer = not (run.data.tokenizer or run.data.shards)
+        cfg = replace(run.model, vocab_size=run.data.vocab_size) if own_tokenizer else run.model
+    else:
+        cfg = preset_config(a.preset)
     print(describe(cfg))
 
 
