@@ -167,7 +167,7 @@ def test_files_are_separate_documents(tmp_path):
 
 def test_training_errors(tmp_path):
     path = write(tmp_path, "some text")
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="minimum of 257"):
         train_bpe(path, 256, ["<|endoftext|>"], progress=False)
     with pytest.raises(UserError, match="missing.txt"):
         train_bpe(tmp_path / "missing.txt", 300, progress=False)
@@ -175,7 +175,7 @@ def test_training_errors(tmp_path):
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
     with pytest.raises(UserError, match="UTF-8"):
         train_bpe(bad, 300, progress=False)
-    with pytest.raises(ValueError):
+    with pytest.raises(UserError, match="repeated special token"):
         train_bpe(path, 300, ["x", "x"], progress=False)
 
 

@@ -4,19 +4,87 @@ A recipe has three tables, `[data]`, `[model]` and `[train]`, and a fourth, `[sf
 chat model (`scratchlm sft`). `model.preset` names a preset whose values the other `[model]` keys then
 override. The resolved config (every field, no preset left to look up) is
 written into each run folder, so a run can always be repeated.
+
+Every value is checked when the config is built (`build_config`): names against the choices the code that
+reads them accepts, numbers against their ranges, so a mistake fails in one line before any work starts.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import tomli_w
 
 from scratchlm.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """Where a number may lie: from `low` to `high` (None: no bound), each end included unless marked open.
+    Infinities and NaN are never in range: TOML can spell them, no setting means them."""
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)   # momentum, betas, dropout: 1 would never forget (or drop everything)
+
+
+def _nearest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_choice(name: str, value: str, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} = {value!r} is not one of {', '.join(allowed)}{_nearest(str(value), allowed)}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_device(name: str, value: str) -> None:
+    """What the trainer's device picker takes: one of DEVICES, or cuda:N for one GPU of several."""
+    if value not in DEVICES and not re.fullmatch(r"cuda:\d+", value):
+        raise UserError(f"{name} = {value!r} is not one of auto, cpu, cuda, cuda:N, mps{_nearest(value, DEVICES)}")
+
+
+def check_range(name: str, value: float, allowed: Range) -> None:
+    if not allowed.holds(value):
+        finite = "" if math.isfinite(value) else "a finite number "
+        raise UserError(f"{name} = {value!r} is out of range: it must be {finite}{allowed}")
+
+
+def _check_fields(obj, section: str) -> None:
+    """The choices and ranges a config class declares, checked in field order."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if f.name in obj.CHOICES:
+            for item in value if isinstance(value, list) else [value]:
+                check_choice(f"{section}.{f.name}", item, obj.CHOICES[f.name])
+        if f.name in obj.RANGES:
+            check_range(f"{section}.{f.name}", value, obj.RANGES[f.name])
 
 
 @dataclass
@@ -60,12 +128,18 @@ class ModelConfig:
             return -(-int(8 * self.d_model / 3) // 64) * 64
         return 4 * self.d_model
 
+    CHOICES: ClassVar[dict] = {"position": ("learned", "sinusoidal", "rope", "alibi", "nope"),
+                               "norm": ("rmsnorm", "layernorm"), "mlp": ("gelu", "relu", "silu", "swiglu"),
+                               "attention": ("sdpa", "explicit", "triton")}
+    RANGES: ClassVar[dict] = {"vocab_size": AT_LEAST_1, "context": AT_LEAST_1, "d_model": AT_LEAST_1,
+                              "n_layers": AT_LEAST_1, "n_heads": AT_LEAST_1, "n_kv_heads": AT_LEAST_0,
+                              "d_ff": AT_LEAST_0, "rope_base": Range(1, low_open=True), "norm_eps": POSITIVE,
+                              "dropout": FRACTION, "init_std": POSITIVE}
+
     def validate(self) -> None:
-        choices = {"position": ("learned", "sinusoidal", "rope", "alibi", "nope"), "norm": ("rmsnorm", "layernorm"),
-                   "mlp": ("gelu", "relu", "silu", "swiglu"), "attention": ("sdpa", "explicit", "triton")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise UserError(f"model.{key} = {getattr(self, key)!r} is not one of {', '.join(allowed)}")
+        """Whether the settings make a model at all. Not whether this machine can run it: a model trained
+        with the Triton kernel on a GPU still loads on a CPU (see model.flash_triton.require_usable)."""
+        _check_fields(self, "model")
         if self.d_model % self.n_heads:
             raise UserError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
@@ -73,8 +147,8 @@ class ModelConfig:
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head size; d_model / n_heads = {self.head_dim}")
         if self.attention == "triton":
-            from scratchlm.model.flash_triton import check_usable  # imports Triton, so only when asked for
-            check_usable(self.head_dim, self.dropout)
+            from scratchlm.model.flash_triton import check_config  # imports Triton, so only when asked for
+            check_config(self.head_dim, self.dropout)
 
 
 PRESETS: dict[str, dict] = {
@@ -99,6 +173,21 @@ class DataConfig:
     special_tokens: list[str] = field(default_factory=lambda: ["<pad>", "<unk>", "<bos>", "<eos>"])
     uncased: bool = False
     shards: str = ""                 # an existing shard folder; empty: encode into the cache
+
+    def validate(self) -> None:
+        from scratchlm.tokenizer.pretokenize import check_special_tokens
+
+        if not self.dataset:
+            raise UserError("data.dataset is empty: name a dataset (scratchlm data list), a local path or hf:NAME")
+        try:
+            check_special_tokens(self.special_tokens)
+        except ValueError as e:
+            raise UserError(f"data.special_tokens: {e}") from None
+        # Byte-level BPE starts from the 256 single bytes and the specials; fewer tokens cannot be had.
+        least = 256 + len(self.special_tokens)
+        if self.vocab_size < least:
+            raise UserError(f"data.vocab_size = {self.vocab_size} is out of range: it must be >= {least} "
+                            f"(256 byte tokens + {len(self.special_tokens)} special tokens)")
 
 
 @dataclass
@@ -136,6 +225,26 @@ class TrainConfig:
     resume: str = "no"               # no | auto (continue the run in the output folder when there is one)
     threads: int = 0                 # CPU threads for PyTorch; 0: all cores
 
+    # Each list is what the code that reads the field accepts (train.loop, train.optim, train.distributed,
+    # train.loggers): a misspelling fails here, not after minutes of training.
+    CHOICES: ClassVar[dict] = {"precision": ("auto", "bf16-native", "fp32", "bf16", "fp16"),
+                               "optimizer": ("adamw", "muon"), "implementation": ("torch", "reference"),
+                               "schedule": ("cosine", "wsd", "linear", "constant"),
+                               "log_to": ("tensorboard", "wandb"), "parallel": ("ddp", "fsdp"),
+                               "resume": ("no", "auto")}
+    RANGES: ClassVar[dict] = {"seed": AT_LEAST_0, "micro_batch": AT_LEAST_1, "batch_tokens": AT_LEAST_0,
+                              "max_steps": AT_LEAST_0, "minutes": AT_LEAST_0, "lr": POSITIVE,
+                              "muon_lr_scale": POSITIVE, "muon_momentum": FRACTION, "min_lr_ratio": Range(0, 1),
+                              "warmup_steps": AT_LEAST_0, "cooldown_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
+                              "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
+                              "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_0, "checkpoint_every": AT_LEAST_0,
+                              "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0}
+
+    def validate(self, section: str = "train") -> None:
+        """`section` names the table in messages: [sft.train] is checked with this too."""
+        check_device(f"{section}.device", self.device)
+        _check_fields(self, section)
+
 
 @dataclass
 class SFTConfig:
@@ -157,6 +266,10 @@ class SFTConfig:
     eval_max_new_tokens: int = 64
     train: dict[str, object] = field(default_factory=dict)   # [train] values for this stage (lr, minutes, ...)
 
+    CHOICES: ClassVar[dict] = {}
+    RANGES: ClassVar[dict] = {"persona_weight": AT_LEAST_0, "val_fraction": FRACTION, "epochs": AT_LEAST_0,
+                              "eval_examples": AT_LEAST_0, "eval_max_new_tokens": AT_LEAST_1}
+
     def validate(self) -> None:
         from scratchlm.sft.data import parse_source  # the SFT package imports torch: only when a config is built
 
@@ -165,13 +278,7 @@ class SFTConfig:
                 parse_source(spec)
             except UserError as e:
                 raise UserError(f"sft.sources: {e}") from None
-        if not 0 <= self.val_fraction < 1:
-            raise UserError(f"sft.val_fraction = {self.val_fraction} must be at least 0 and below 1")
-        for key in ("persona_weight", "epochs"):
-            if getattr(self, key) < 0:
-                raise UserError(f"sft.{key} = {getattr(self, key)} must not be negative")
-        if self.eval_examples < 0 or self.eval_max_new_tokens < 1:
-            raise UserError("sft.eval_examples must be >= 0 and sft.eval_max_new_tokens >= 1")
+        _check_fields(self, "sft")
 
 
 @dataclass
@@ -214,11 +321,6 @@ def _coerce(section: str, key: str, value, kind, source: str):
             or not isinstance(value, kind):
         raise UserError(f"{source}: {name} must be {kind.__name__}, got {value!r}")
     return value
-
-
-def _nearest(name: str, options) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _apply(target, section: str, values: dict, source: str) -> None:
@@ -271,12 +373,19 @@ def build_config(table: dict, overrides: list[str] = (), source: str = "config")
     where = source if not overrides else f"{source} / --set"
     for name, values in sets.items():
         _apply(getattr(cfg, name), name, values, where)
-    cfg.model.validate()
     # [sft.train] is checked as [train] is, so a misspelt key fails here and not after pretraining.
     checked = TrainConfig()
     _apply(checked, "sft.train", cfg.sft.train, where)
     cfg.sft.train = {key: getattr(checked, key) for key in cfg.sft.train}
-    cfg.sft.validate()
+    try:
+        cfg.data.validate()
+        cfg.model.validate()
+        cfg.train.validate()
+        # [train] passed, so a value out of range here is one that [sft.train] set.
+        dataclasses.replace(cfg.train, **cfg.sft.train).validate("sft.train")
+        cfg.sft.validate()
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
     return cfg
 
 
@@ -287,7 +396,17 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     if not path.is_file():
         raise UserError(f"config file not found: {path}")
     try:
-        table = tomllib.loads(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}: invalid TOML: not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                        f"save it as UTF-8") from None
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: invalid TOML: {e}") from None
     return build_config(table, overrides, str(path))

@@ -10,21 +10,27 @@ import bisect
 import numpy as np
 import torch
 
+from scratchlm.errors import UserError
+
 
 class RandomWindows:
     """Endless (x, y) batches of `context` tokens, y being x shifted by one, at uniform random offsets."""
 
     def __init__(self, shards: list[np.ndarray], context: int, batch: int, seed: int, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1):
-        self.shards = [s for s in shards if len(s) > context + 1]
+        # A window is context + 1 tokens (inputs and targets shifted by one), so a shard of that length
+        # gives one window and a shard of n tokens gives n - context.
+        self.shards = [s for s in shards if len(s) > context]
         if not self.shards:
-            raise ValueError(f"no shard holds more than context + 1 = {context + 1} tokens")
+            longest = max(map(len, shards), default=0)
+            raise UserError(f"no training shard holds context + 1 = {context + 1} tokens (the longest has "
+                            f"{longest}); use a smaller model.context or more training text")
         self.context, self.batch, self.device = context, batch, torch.device(device)
         # Every process draws the whole global batch from the same generator and keeps its own slice:
         # the data seen does not depend on how many processes share it, and neither does a checkpoint.
         self.rank, self.world = rank, world
         # Offsets are counted over all shards at once; a window never crosses two shards.
-        self.starts = np.cumsum([0] + [len(s) - context - 1 for s in self.shards])
+        self.starts = np.cumsum([0] + [len(s) - context for s in self.shards])
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:

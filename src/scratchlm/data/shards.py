@@ -291,18 +291,56 @@ def encode_sources(tokenizer_dir: Path, sources: list[str], out_dir: Path, worke
     return encode_corpus(tok, Path(tokenizer_dir), splits, Path(out_dir), progress, workers)
 
 
+def _damaged(shard_dir: Path, what: str) -> UserError:
+    return UserError(f"{what}; the shard folder is damaged: delete {shard_dir} and encode again "
+                     f"(scratchlm tokenizer encode, or rerun training for a folder in the cache)")
+
+
+def _complete(meta) -> bool:
+    """Whether meta.json holds what readers look up: the dtype, the tokenizer, each split's files and size."""
+    if not (isinstance(meta, dict) and meta.get("dtype") in ("uint16", "uint32")
+            and isinstance(meta.get("tokenizer"), str) and isinstance(meta.get("splits"), dict)):
+        return False
+    for split in meta["splits"].values():
+        if not (isinstance(split, dict) and isinstance(split.get("tokens"), int) and isinstance(split.get("files"), list)):
+            return False
+        # plain names only: a path would read files outside the folder
+        if not all(isinstance(f, str) and f and Path(f).name == f for f in split["files"]):
+            return False
+    return True
+
+
 def read_meta(shard_dir: Path) -> dict:
     path = Path(shard_dir) / "meta.json"
     if not path.is_file():
         raise UserError(f"{shard_dir} is not a shard folder (no meta.json); make one with `scratchlm tokenizer encode`")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_bytes())
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise _damaged(shard_dir, f"{path} is not valid JSON ({e})") from None
+    if not _complete(meta):
+        raise _damaged(shard_dir, f"{path} lacks the dtype, tokenizer or split entries of a shard folder")
+    return meta
 
 
 def open_split(shard_dir: Path, split: str) -> list[np.memmap]:
-    """The split's shards, memory-mapped: nothing is read until it is indexed."""
+    """The split's shards, memory-mapped: nothing is read until it is indexed. Their sizes are checked
+    against meta.json, so a file cut short (a full disk, an interrupted copy) fails here, by name."""
     meta = read_meta(shard_dir)
     if split not in meta["splits"]:
         raise UserError(f"{shard_dir} has no {split!r} split (has: {', '.join(meta['splits'])})")
     dtype = np.dtype(meta["dtype"])
-    return [np.memmap(Path(shard_dir) / name, dtype=dtype, mode="r") for name in meta["splits"][split]["files"]
-            if (Path(shard_dir) / name).stat().st_size > 0]
+    files = [Path(shard_dir) / name for name in meta["splits"][split]["files"]]
+    tokens = 0
+    for f in files:
+        if not f.is_file():
+            raise _damaged(shard_dir, f"{f} is missing")
+        size = f.stat().st_size
+        if size % dtype.itemsize:
+            raise _damaged(shard_dir, f"{f} is {size} bytes, not a whole number of {dtype.itemsize}-byte tokens")
+        tokens += size // dtype.itemsize
+    expected = meta["splits"][split]["tokens"]
+    if tokens != expected:
+        where = f"{files[0]} holds" if len(files) == 1 else f"the {split} files of {shard_dir} hold"
+        raise _damaged(shard_dir, f"{where} {tokens:,} tokens but meta.json says {expected:,}")
+    return [np.memmap(f, dtype=dtype, mode="r") for f in files if f.stat().st_size > 0]

@@ -3,7 +3,8 @@
 Two paths compute the same thing: PyTorch's fused `scaled_dot_product_attention` (flash attention on a
 GPU) and an explicit one that writes the softmax out, which is easier to read and can hand back the
 attention weights for plotting. A third, `triton`, is scratchlm's own FlashAttention-2 kernel
-(model/flash_triton.py), for training on a GPU.
+(model/flash_triton.py), for training on a GPU; where it cannot run, SDPA stands in, so such a model
+still samples and converts on a CPU.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool = False, dropout: float = 0.0,
-                 qk_norm: bool = False, backend: str = "sdpa"):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, backend: str = "sdpa"):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -65,8 +66,8 @@ class CausalSelfAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.keep_weights = False  # set by the attention-map plot; only the explicit path can honour it
         self.last_weights: torch.Tensor | None = None
 
@@ -87,9 +88,11 @@ class CausalSelfAttention(nn.Module):
         elif self.backend == "triton" and key_mask is None and not self.keep_weights:
             # Our FlashAttention-2 kernel reads each query head's key/value head in place (no repeat). Cached
             # decoding and padding masks stay on SDPA: the kernel is tuned per length, for training.
-            from scratchlm.model.flash_triton import flash_attention
-            y = flash_attention(q, k, v, causal=True, alibi_slopes=alibi_slopes)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            from scratchlm.model import flash_triton
+            if flash_triton.runs_on(x.device):
+                y = flash_triton.flash_attention(q, k, v, causal=True, alibi_slopes=alibi_slopes)
+                return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+            flash_triton.fallback_notice(x.device)
         if self.n_kv_heads != self.n_heads:
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -43,19 +44,45 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def check_usable(head_dim: int, dropout: float = 0.0) -> None:
-    """Raise a one-line UserError when the kernel cannot run here or for this model."""
-    if triton is None:
-        raise UserError("model.attention = 'triton' needs the triton package "
-                        "(pip install triton; Linux with a CUDA GPU)")
-    if not interpreting() and not torch.cuda.is_available():
-        raise UserError("model.attention = 'triton' needs a CUDA GPU "
-                        "(TRITON_INTERPRET=1 runs it, very slowly, on the CPU)")
+def check_config(head_dim: int, dropout: float = 0.0) -> None:
+    """Raise a one-line UserError when the kernel cannot compute this model on any machine."""
     if head_dim not in HEAD_DIMS:
         raise UserError(f"model.attention = 'triton' supports head sizes {', '.join(map(str, HEAD_DIMS))}; "
                         f"d_model / n_heads = {head_dim}")
     if dropout:
         raise UserError("model.attention = 'triton' has no attention dropout; set model.dropout = 0 or use sdpa")
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel can run on this machine's tensors of `device`."""
+    return triton is not None and (device.type == "cuda" or interpreting())
+
+
+def require_usable(cfg, device: torch.device | str) -> None:
+    """For training, where the kernel was asked for: raise a one-line UserError when it cannot run on
+    `device` here. (Inference does not ask: the model falls back to SDPA, see `fallback_notice`.)"""
+    if cfg.attention != "triton":
+        return
+    if triton is None:
+        raise UserError("model.attention = 'triton' needs the triton package to train "
+                        "(pip install triton; Linux with a CUDA GPU), or set model.attention = sdpa")
+    if not runs_on(torch.device(device)):
+        raise UserError(f"model.attention = 'triton' trains on a CUDA GPU, not on {torch.device(device)}; "
+                        "set model.attention = sdpa (TRITON_INTERPRET=1 runs the kernel, very slowly, on the CPU)")
+
+
+_noticed = False
+
+
+def fallback_notice(device: torch.device) -> None:
+    """Say once per process that SDPA stands in for the kernel: the results are the same up to rounding,
+    so a model trained on a GPU can still be sampled, evaluated and converted on a CPU."""
+    global _noticed
+    if not _noticed:
+        _noticed = True
+        why = "the triton package is not installed" if triton is None else f"it does not run on {device}"
+        print(f"note: model.attention = 'triton' but {why}; using PyTorch's SDPA attention instead",
+              file=sys.stderr, flush=True)
 
 
 if triton is not None:

@@ -25,7 +25,7 @@ class Block(nn.Module):
         self.pre_norm = cfg.pre_norm
         self.attn_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=cfg.bias, dropout=cfg.dropout,
-                                        qk_norm=cfg.qk_norm, backend=cfg.attention)
+                                        qk_norm=cfg.qk_norm, norm_eps=cfg.norm_eps, backend=cfg.attention)
         self.mlp_norm = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.mlp = make_mlp(cfg.mlp, cfg.d_model, cfg.ffn_hidden, cfg.bias, cfg.dropout)
         self.dropout = cfg.dropout

@@ -39,16 +39,27 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     (no pre-token spans two files). With `uncased`, text is passed through `normalize_uncased` first.
 
     Tie rule: each step merges the most frequent pair; among equally frequent pairs the greatest
-    `(bytes_a, bytes_b)` tuple wins (Python's ordering of bytes). Training stops early if no pair is left.
+    `(bytes_a, bytes_b)` tuple wins (Python's ordering of bytes). Training stops early, with a warning on
+    stderr, if no pair is left.
     `workers` defaults to all CPUs; `progress` shows tqdm bars on stderr for runs that take a while.
     """
-    specials = check_special_tokens(special_tokens)
+    try:
+        specials = check_special_tokens(special_tokens)
+    except ValueError as e:
+        raise UserError(f"special tokens: {e}") from None
     n_merges = vocab_size - len(specials) - 256
     if n_merges < 0:
-        raise ValueError(f"vocab_size {vocab_size} is smaller than 256 bytes + {len(specials)} special tokens")
+        raise UserError(f"vocab size {vocab_size} is below the minimum of {256 + len(specials)} "
+                        f"(256 byte tokens + {len(specials)} special tokens)")
     counts = count_pretokens(input_path, specials, uncased=uncased, workers=workers, progress=progress)
     words = [list(w.encode("utf-8")) for w in counts]
     pair_ids = merge_loop(words, list(counts.values()), n_merges, progress=progress)
+    if len(pair_ids) < n_merges:
+        # Not an error (a small text simply has fewer pairs), but the vocabulary is not the size asked for.
+        why = "the input holds no text" if not counts else "no pair of tokens is left to merge"
+        print(f"warning: asked for {vocab_size:,} tokens but {why}: the vocabulary has "
+              f"{256 + len(specials) + len(pair_ids):,} (256 bytes + {len(specials)} special tokens + "
+              f"{len(pair_ids):,} merges)", file=sys.stderr, flush=True)
 
     # Ids inside the merge loop: 0..255 bytes, 256+ merges; shift them behind the specials.
     token = [bytes([b]) for b in range(256)]

@@ -167,6 +167,9 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
     out_dir, tc = Path(out_dir), cfg.train
     d = d or dist.Dist()
     device = pick_device(tc.device)
+    if cfg.model.attention == "triton":  # inference falls back to SDPA; training asked for the kernel: it must run
+        from scratchlm.model.flash_triton import require_usable
+        require_usable(cfg.model, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     progress = progress and d.main
