@@ -158,15 +158,6 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, found[-1]
 
 
-def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # A tied output head may be stored once, under the embedding's name.
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{ckpt_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
 def load_training_state(ckpt_dir: Path) -> dict:
     """The checkpoint's state.json, with every RNG put back as it was."""
     state = json.loads((Path(ckpt_dir) / "state.json").read_text())

@@ -27,6 +27,7 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import open_split
 from scratchlm.errors import UserError
 from scratchlm.eval.metrics import evaluate
+from scratchlm.loading import load_weights
 from scratchlm.model.info import flops_per_token
 from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
@@ -210,7 +211,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: Job, progress: bool = True, d:
 
     model = job.model
     if resume_from is not None:
-        ckpt.load_weights(model, resume_from)
+        load_weights(model, resume_from)
     model.to(device)
     if tc.activation_checkpointing:
         from torch.distributed._composable import checkpoint as recompute
