@@ -189,7 +189,7 @@ def cmd_model_info(a):
 def cmd_convert(a):
     from scratchlm.convert import convert
 
-    for note in convert(a.src, a.dst, a.to, a.dtype, a.tokenizer):
+    for note in convert(a.src, a.dst, a.to, a.dtype, a.tokenizer, a.force):
         print(f"note: {note}")
     print(f"wrote {a.dst} ({a.to})")
 
@@ -349,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, choices=["hf", "scratchlm", "gguf"])
     s.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="weights (q8_0: GGUF only)")
     s.add_argument("--tokenizer", help="a scratchlm tokenizer folder to use instead of the source's")
+    s.add_argument("--force", action="store_true", help="replace an existing destination")
     s.set_defaults(func=cmd_convert)
     return p
 

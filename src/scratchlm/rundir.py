@@ -1,4 +1,4 @@
-"""Run folders: where a run keeps its checkpoints, and loading a checkpoint's weights.
+"""Run folders: where a run keeps its checkpoints.
 
 A run folder holds `config.toml`, `tokenizer/` and `checkpoints/step_N/` (see `train/checkpoint.py` for
 how they are written). Everything that reads a run (generate, chat, serve, eval, convert) finds its
@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
 
 from scratchlm.errors import UserError
 
@@ -36,14 +34,3 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     if not found:
         raise UserError(f"{path} holds no checkpoint (expected {path}/checkpoints/step_*/model.safetensors)")
     return path, found[-1]
-
-
-def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
-    weights = load_file(str(Path(ckpt_dir) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # A tied output head may be stored once, under the embedding's name.
-    missing = [m for m in missing if not (m == "lm_head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{ckpt_dir}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-

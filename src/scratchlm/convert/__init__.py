@@ -56,9 +56,21 @@ def read(src: Path, tokenizer: Path | None = None) -> Bundle:
     return bundle
 
 
+def check_destination(src: Path, dst: Path, force: bool = False) -> None:
+    """Refuse, before the source is read, a destination that is or holds the source (replacing it would
+    destroy the source), and one that already holds something unless `force`."""
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    if dst == src or dst in src.parents:
+        raise UserError(f"{dst} is where the source {src} lies; write the export to another path")
+    if dst.exists() and not force and (dst.is_file() or any(dst.iterdir())):
+        raise UserError(f"{dst} already exists and is not empty: choose another path or pass --force")
+
+
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "f32",
-            tokenizer: str | Path | None = None) -> list[str]:
-    """Convert `src` into format `to` at `dst`; returns notes on anything that could not be carried over."""
+            tokenizer: str | Path | None = None, force: bool = False) -> list[str]:
+    """Convert `src` into format `to` at `dst`; returns notes on anything that could not be carried over.
+    The export is built under a temporary name and renamed into place whole, so `dst` never holds half
+    of one; an existing `dst` is replaced only with `force`."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise UserError(f"--to {to} is not one of {', '.join(TARGETS)}")
@@ -66,19 +78,20 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "f32",
         raise UserError(f"--dtype {dtype} is for GGUF only; --to {to} takes f32 or f16")
     if to == source_format(src):
         raise UserError(f"{src} is already in {to} format")
+    check_destination(src, dst, force)
     bundle = read(src, Path(tokenizer) if tokenizer else None)
     notes = list(bundle.notes)
     if to == "hf":
         from scratchlm.convert.hf import write_hf
 
-        notes += write_hf(bundle, dst, _TORCH_DTYPES[dtype])
+        notes += write_hf(bundle, dst, _TORCH_DTYPES[dtype], replace=force)
     elif to == "gguf":
         from scratchlm.convert.gguf import write_gguf
 
-        notes += write_gguf(bundle, dst, dtype)
+        notes += write_gguf(bundle, dst, dtype, replace=force)
     else:
-        write_run(bundle, dst, _TORCH_DTYPES[dtype])
+        write_run(bundle, dst, _TORCH_DTYPES[dtype], replace=force)
     return notes
 
 
-__all__ = ["Bundle", "TARGETS", "convert", "read", "read_run", "source_format", "write_run"]
+__all__ = ["Bundle", "TARGETS", "check_destination", "convert", "read", "read_run", "source_format", "write_run"]

@@ -13,6 +13,7 @@ import torch
 
 from scratchlm.config import ModelConfig, RunConfig
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_dir
 from scratchlm.tokenizer import Tokenizer
 
 
@@ -27,44 +28,32 @@ class Bundle:
 
 def check_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor], source: str) -> None:
     """Every parameter a Transformer of this config has, with its shape, and nothing else."""
-    from scratchlm.model.transformer import Transformer
+    from scratchlm.loading import check_shapes, model_shapes
 
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in Transformer(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
-        raise UserError(f"{source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, shape in expected.items():
-        if tuple(weights[k].shape) != shape:
-            raise UserError(f"{source}: {k} has shape {tuple(weights[k].shape)}, the model needs {shape}")
+    check_shapes(model_shapes(cfg), {k: tuple(v.shape) for k, v in weights.items()}, source, "the model")
 
 
 def read_run(path: Path) -> Bundle:
     """A scratchlm run folder (its latest checkpoint) or one checkpoint folder."""
-    from safetensors.torch import load_file
-
     from scratchlm.config import load_config
+    from scratchlm.loading import read_weights
     from scratchlm.rundir import resolve_checkpoint
 
     run_dir, ckpt = resolve_checkpoint(path)
-    if not (run_dir / "config.toml").is_file():
+    config_path = run_dir / "config.toml"
+    if not config_path.is_file():
         raise UserError(f"{run_dir} has no config.toml; is it a scratchlm run folder?")
-    cfg = load_config(run_dir / "config.toml").model
-    weights = {k: v.float() for k, v in load_file(str(ckpt / "model.safetensors")).items()}
-    if cfg.tie_embeddings:
-        weights.pop("lm_head.weight", None)
-    check_weights(cfg, weights, str(ckpt))
+    cfg = load_config(config_path).model
+    weights = {k: v.float() for k, v in read_weights(ckpt, cfg, config_path).items()}
     tok_dir = run_dir / "tokenizer"
     tokenizer = Tokenizer.load(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
     return Bundle(cfg, weights, tokenizer, name=run_dir.name)
 
 
-def write_run(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32) -> Path:
+def write_run(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32, replace: bool = False) -> Path:
     """A run folder with config.toml, tokenizer/ and checkpoints/step_00000000/, which `scratchlm.load`,
-    `generate`, `eval` and fine-tuning read like any trained run."""
+    `generate`, `eval` and fine-tuning read like any trained run. It is built beside `dst` and renamed into
+    place whole; an existing non-empty `dst` is refused unless `replace`."""
     from scratchlm.train.checkpoint import save_checkpoint
 
     if bundle.tokenizer is None:
@@ -76,16 +65,14 @@ def write_run(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32) -> 
     if any(len(tok.id_to_bytes(i)) != 1 or i in tok.special_tokens.values() for i in range(n, tok.vocab_size)):
         raise UserError(f"the tokenizer has {tok.vocab_size} tokens but the model only {n} embeddings")
     check_weights(bundle.config, bundle.weights, bundle.name)
-    dst = Path(dst)
-    if (dst / "checkpoints").exists():
-        raise UserError(f"{dst} already holds checkpoints; choose an empty folder")
-    dst.mkdir(parents=True, exist_ok=True)
     run = RunConfig()
     run.model = bundle.config
     run.data.vocab_size = bundle.tokenizer.vocab_size
     run.data.special_tokens = sorted(bundle.tokenizer.special_tokens, key=bundle.tokenizer.special_tokens.get)
-    run.save(dst / "config.toml")
-    bundle.tokenizer.save(dst / "tokenizer")
     weights = {k: v.to(dtype) for k, v in bundle.weights.items()}
-    save_checkpoint(dst, 0, weights, None, {"tokens": 0, "converted_from": bundle.name}, keep=1)
+    dst = Path(dst)
+    with atomic_dir(dst, replace=replace) as tmp:
+        run.save(tmp / "config.toml")
+        bundle.tokenizer.save(tmp / "tokenizer")
+        save_checkpoint(tmp, 0, weights, None, {"tokens": 0, "converted_from": bundle.name}, keep=1)
     return dst

@@ -14,6 +14,8 @@ makes llama.cpp's adjacent pairs our split pairs. Reading undoes it.
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 from pathlib import Path
 
@@ -24,7 +26,9 @@ from scratchlm.config import ModelConfig
 from scratchlm.convert.bundle import Bundle, check_weights
 from scratchlm.convert.deps import require
 from scratchlm.convert.families import hf_family
+from scratchlm.convert.gguf_layout import check_layout
 from scratchlm.errors import UserError
+from scratchlm.files import fsync_dir, make_dir
 
 _BLOCK = {"attn_norm.weight": "attn_norm.weight", "ffn_norm.weight": "mlp_norm.weight",
           "attn_q.weight": "attn.q_proj.weight", "attn_k.weight": "attn.k_proj.weight",
@@ -76,8 +80,9 @@ def check_llama(cfg: ModelConfig) -> None:
         raise UserError("model.bias = true: GGUF's llama architecture has no biases")
 
 
-def write_gguf(bundle: Bundle, dst: Path, dtype: str = "f32") -> list[str]:
-    """Write a GGUF file of architecture 'llama'; returns notes for the user."""
+def write_gguf(bundle: Bundle, dst: Path, dtype: str = "f32", replace: bool = False) -> list[str]:
+    """Write a GGUF file of architecture 'llama', under a temporary name renamed into place once whole (an
+    existing `dst` is refused unless `replace`); returns notes for the user."""
     cfg = bundle.config
     check_llama(cfg)
     if dtype not in DTYPES:
@@ -87,11 +92,18 @@ def write_gguf(bundle: Bundle, dst: Path, dtype: str = "f32") -> list[str]:
     dst = Path(dst)
     if dst.suffix != ".gguf":
         raise UserError(f"{dst}: a GGUF file's name ends in .gguf")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")  # renamed into place once whole, so a reader never sees half a file
+    if dst.is_dir():
+        raise UserError(f"{dst} is a folder; give the path of the .gguf file to write")
+    if dst.exists() and not replace:
+        raise UserError(f"{dst} already exists: choose another path or pass --force")
+    make_dir(dst.parent)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     try:
         notes = _write(gguf, bundle, tmp, dtype)
-        tmp.replace(dst)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        fsync_dir(dst.parent)
     finally:
         tmp.unlink(missing_ok=True)
     return notes
@@ -174,9 +186,11 @@ def _fields(reader) -> dict:
 def read_gguf(src: Path) -> Bundle:
     """A GGUF file of architecture 'llama': config from its metadata, every tensor dequantized to float32."""
     from scratchlm.convert.vocab import tokenizer_from_gguf
+    from scratchlm.loading import check_shapes, model_shapes
 
     gguf = require("gguf", "reading GGUF")
     src = Path(src)
+    check_layout(src, gguf.GGML_QUANT_SIZES)  # before gguf's reader believes any count in the file
     try:
         reader = gguf.GGUFReader(str(src))
     except (OSError, ValueError) as e:
@@ -186,42 +200,56 @@ def read_gguf(src: Path) -> Bundle:
     if arch != "llama":
         raise UserError(f"{src}: GGUF architecture {arch!r} is not one scratchlm reads (llama)")
 
-    def key(name, default=None):
+    def number(name, default=None, kind=int):
+        """Metadata llama.<name>, which must be a positive number (a whole one for `kind` int)."""
         value = f.get(f"llama.{name}", default)
         if value is None:
             raise UserError(f"{src}: metadata llama.{name} is missing")
-        return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf \
+                or kind is int and value != int(value):
+            raise UserError(f"{src}: metadata llama.{name} = {value!r} is not a positive "
+                            f"{'whole number' if kind is int else 'number'}")
+        return kind(value)
 
     if "llama.rope.scaling.type" in f and f["llama.rope.scaling.type"] not in ("none", "linear") \
-            or float(f.get("llama.rope.scaling.factor", 1.0)) != 1.0:
+            or number("rope.scaling.factor", 1.0, float) != 1.0:
         raise UserError(f"{src}: RoPE scaling has no scratchlm counterpart; only plain RoPE converts")
-    names = {t.name for t in reader.tensors}
-    d, heads = int(key("embedding_length")), int(key("attention.head_count"))
-    kv = key("attention.head_count_kv", heads)
-    if isinstance(kv, list):
+    if isinstance(f.get("llama.attention.head_count_kv"), list):
         raise UserError(f"{src}: a different number of key/value heads per layer has no scratchlm counterpart")
-    head_dim = int(f.get("llama.attention.key_length", d // heads))
-    if head_dim * heads != d or int(key("rope.dimension_count", head_dim)) != head_dim:
-        raise UserError(f"{src}: heads of {head_dim} rotated over {key('rope.dimension_count', head_dim)} "
+    d, heads = number("embedding_length"), number("attention.head_count")
+    head_dim = number("attention.key_length", max(1, d // heads))
+    if head_dim * heads != d or number("rope.dimension_count", head_dim) != head_dim:
+        raise UserError(f"{src}: heads of {head_dim} rotated over {number('rope.dimension_count', head_dim)} "
                         f"dimensions; scratchlm rotates all of d_model / n_heads")
-    vocab = f.get("llama.vocab_size") or len(f.get("tokenizer.ggml.tokens") or [])
-    cfg = ModelConfig(vocab_size=int(vocab), context=int(key("context_length")), d_model=d,
-                      n_layers=int(key("block_count")), n_heads=heads, n_kv_heads=int(kv),
-                      d_ff=int(key("feed_forward_length")), position="rope",
-                      rope_base=float(key("rope.freq_base", 10000.0)), norm="rmsnorm",
-                      norm_eps=float(key("attention.layer_norm_rms_epsilon")), mlp="swiglu",
+    names = {t.name for t in reader.tensors}
+    n_layers = number("block_count")
+    # Checked before a model of n_layers is built, even on the meta device: a crafted count could be 10^12.
+    blocks = {int(m.group(1)) for m in map(_BLOCK_NAME.match, names) if m}
+    if len(blocks) != n_layers or max(blocks, default=-1) != n_layers - 1:
+        raise UserError(f"{src}: llama.block_count = {n_layers} but the file holds tensors for {len(blocks)} blocks")
+    cfg = ModelConfig(vocab_size=number("vocab_size", len(f.get("tokenizer.ggml.tokens") or []) or None),
+                      context=number("context_length"), d_model=d, n_layers=n_layers, n_heads=heads,
+                      n_kv_heads=number("attention.head_count_kv", heads), d_ff=number("feed_forward_length"),
+                      position="rope", rope_base=number("rope.freq_base", 10000.0, float), norm="rmsnorm",
+                      norm_eps=number("attention.layer_norm_rms_epsilon", kind=float), mlp="swiglu",
                       tie_embeddings="output.weight" not in names, bias=False)
+    # GGUF lists dimensions fastest first; shapes are checked before any tensor is dequantized.
+    shapes = {_our_name(t.name, str(src)): tuple(reversed([int(n) for n in t.shape])) for t in reader.tensors}
+    check_shapes(model_shapes(cfg), shapes, str(src), "its metadata")
     weights = {}
     for t in reader.tensors:
         ours = _our_name(t.name, str(src))
-        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise UserError(f"{src}: tensor {t.name} is stored as {t.tensor_type.name}, which gguf cannot "
+                            f"dequantize") from None
         w = torch.tensor(np.asarray(arr), dtype=torch.float32)
         if ours.endswith("q_proj.weight"):
             w = from_llama_cpp_rows(w, cfg.n_heads)
         elif ours.endswith("k_proj.weight"):
             w = from_llama_cpp_rows(w, cfg.kv_heads)
         weights[ours] = w.contiguous()
-    check_weights(cfg, weights, str(src))
     try:
         tokenizer, note = tokenizer_from_gguf(f, str(src))
     except UserError as e:

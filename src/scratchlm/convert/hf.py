@@ -9,15 +9,18 @@ makes queries, keys and values together, its output columns laid out as [q | k |
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from scratchlm.config import ModelConfig
 from scratchlm.convert.bundle import Bundle, check_weights
 from scratchlm.convert.deps import require
 from scratchlm.convert.families import from_hf_config, hf_family, to_hf_config
 from scratchlm.errors import UserError
+from scratchlm.files import atomic_dir
 
 _LLAMA_BLOCK = {
     "attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
@@ -98,8 +101,9 @@ def from_gpt2(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.
     return out
 
 
-def write_hf(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Write `dst` as a transformers model folder; returns notes for the user."""
+def write_hf(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32, replace: bool = False) -> list[str]:
+    """Write `dst` as a transformers model folder, built beside it and renamed into place whole (an existing
+    non-empty `dst` is refused unless `replace`); returns notes for the user."""
     cfg = bundle.config
     family = hf_family(cfg)  # refuses before the slow import of transformers
     transformers = require("transformers", "converting to Hugging Face format")
@@ -120,12 +124,11 @@ def write_hf(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32) -> l
     if cfg.tie_embeddings:
         model.tie_weights()
     model = model.to(dtype)
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(dst)
     notes = []
-    if bundle.tokenizer is not None:
-        notes.append(_write_tokenizer(bundle, dst))
+    with atomic_dir(Path(dst), replace=replace) as tmp:
+        model.save_pretrained(tmp)
+        if bundle.tokenizer is not None:
+            notes.append(_write_tokenizer(bundle, tmp))
     return [n for n in notes if n]
 
 
@@ -145,15 +148,26 @@ def read_hf(src: Path) -> Bundle:
 
     src = Path(src)
     try:
-        model_type = json.loads((src / "config.json").read_text()).get("model_type")
-    except (OSError, json.JSONDecodeError) as e:
+        hf_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{src}/config.json cannot be read: {e}") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{src}/config.json is not a JSON object; is it a Hugging Face model folder?")
+    model_type = hf_config.get("model_type")
     if model_type not in ("llama", "gpt2"):
         raise UserError(f"{src}: model_type {model_type!r} is not one scratchlm converts; it reads llama and gpt2")
+    _check_weight_files(src)
     transformers = require("transformers", "reading a Hugging Face model")
-    hf_cfg = transformers.AutoConfig.from_pretrained(src)
-    cfg = from_hf_config(hf_cfg)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    try:
+        cfg = from_hf_config(transformers.AutoConfig.from_pretrained(src))
+        # Mismatched and missing weights are reported rather than raised or filled with random numbers,
+        # so that the line below can name them.
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            src, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True)
+    except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{src}: transformers cannot load it: {first_line}") from None
+    _check_loading_info(src, info)
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     weights = from_llama(sd, cfg) if model_type == "llama" else from_gpt2(sd, cfg)
     if cfg.tie_embeddings:
@@ -164,3 +178,29 @@ def read_hf(src: Path) -> Bundle:
     except UserError as e:
         tokenizer, note = None, f"tokenizer not imported: {e}"
     return Bundle(cfg, weights, tokenizer, name=src.name, notes=[note] if note else [])
+
+
+def _check_weight_files(src: Path) -> None:
+    """A folder with weights, each safetensors file's header sound, before transformers reads any."""
+    from scratchlm.loading import safetensors_shapes
+
+    files = sorted(src.glob("*.safetensors")) + sorted(src.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"{src} holds no weights (model.safetensors or pytorch_model.bin); is the download complete?")
+    for path in files:
+        if path.suffix == ".safetensors":
+            safetensors_shapes(path)
+
+
+def _check_loading_info(src: Path, info: dict) -> None:
+    """Refuse a folder whose weights and config.json disagree, naming the first tensor that does."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: m[0])
+    if mismatched:
+        name, stored, needed = mismatched[0]
+        raise UserError(f"{src}: {name} has shape {tuple(stored)} but config.json makes it {tuple(needed)}")
+    missing = sorted(k for k in info.get("missing_keys") or () if not k.endswith("rotary_emb.inv_freq"))
+    if missing:
+        raise UserError(f"{src}: config.json needs weights the folder lacks: {', '.join(missing[:3])}")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        raise UserError(f"{src}: the weights hold tensors config.json has no place for: {', '.join(unexpected[:3])}")

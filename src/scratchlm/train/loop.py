@@ -27,13 +27,14 @@ from scratchlm.data.prepare import prepare
 from scratchlm.data.shards import open_split
 from scratchlm.errors import UserError
 from scratchlm.eval.metrics import evaluate
+from scratchlm.loading import load_weights
 from scratchlm.model.info import flops_per_token
 from scratchlm.model.transformer import Transformer
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
 from scratchlm.files import atomic_write_text
-from scratchlm.rundir import list_checkpoints, load_weights
+from scratchlm.rundir import list_checkpoints
 from scratchlm.runtime import autocast_for, compute_dtype, pick_device
 from scratchlm.train.loggers import Sinks
 from scratchlm.train.mfu import peak_flops
