@@ -84,7 +84,8 @@ def cmd_sft(a):
 
 
 def cmd_generate(a):
-    from scratchlm.infer.generate import SamplingParams, stream, stream_text
+    from scratchlm.infer.generate import SamplingParams, stream
+    from scratchlm.infer.text import stream_text
     from scratchlm.loading import load
     from scratchlm.runtime import pick_device
 

@@ -14,7 +14,8 @@ import torch
 
 from scratchlm.chat.template import Prompter
 from scratchlm.errors import UserError
-from scratchlm.infer.generate import stream, stream_text
+from scratchlm.infer.generate import stream
+from scratchlm.infer.text import stream_text
 from scratchlm.infer.sampling import SamplingParams
 
 HELP = """commands:
