@@ -13,7 +13,7 @@ logit difference on one prompt shows that both sides hold the same model.
 Measured, with greedy decoding, a fixed number of new tokens and no stop token on either side:
 - batch 1 and batch 8 (8 prompts of the same length): decode tokens/s over the steps after the first
   token, and the time to the first token (prefill and first pick, including each library's set-up).
-  Per-token times come from our `stream_batch` and from a transformers streamer in the same call.
+  Per-token times come from our `BatchDecoder` and from a transformers streamer in the same call.
   The two libraries' batch-1 tokens are compared as a sanity check.
 - serving: 16 clients at once, each one non-streamed POST /v1/completions to `scratchlm serve`'s server
   (`make_server`, in a thread of this process, its default batch of 8). The peer is what a server built on
@@ -161,15 +161,17 @@ class Clock:
 
 
 def run_ours(pair: Pair, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:
-    from scratchlm.infer.generate import SamplingParams, stream_batch
+    from scratchlm.infer.decoder import BatchDecoder
+    from scratchlm.infer.sampling import SamplingParams
+    from scratchlm.runtime import eval_mode
 
-    out: list[list[int]] = [[] for _ in prompts]
     clock = Clock()
-    for events in stream_batch(pair.ours, prompts, SamplingParams(max_new_tokens=new, temperature=0.0)):
-        clock.tick()
-        for r, t, _ in events:
-            out[r].append(t)
-    return *clock.result(len(prompts)), out
+    with eval_mode(pair.ours):
+        decoder = BatchDecoder(pair.ours, prompts, SamplingParams(max_new_tokens=new, temperature=0.0))
+        while not decoder.done:
+            decoder.step()
+            clock.tick()
+    return *clock.result(len(prompts)), [row.output for row in decoder.rows]
 
 
 def run_theirs(pair: Pair, prompts: list[list[int]], new: int) -> tuple[float, float, list[list[int]]]:

@@ -7,10 +7,11 @@ from tiny_chat import make_run, one_thread
 
 import scratchlm
 from scratchlm.chat.template import Prompter
-from scratchlm.chat.terminal import DEFAULTS, ChatSession, parse_params, run
+from scratchlm.chat.terminal import ChatSession, parse_params, run
 from scratchlm.cli import main
 from scratchlm.errors import UserError
 from scratchlm.infer.generate import complete
+from scratchlm.infer.sampling import SAMPLING
 
 
 @pytest.fixture(autouse=True)
@@ -37,15 +38,15 @@ def script(lines):
 
 
 def test_params_parse_and_check():
-    p = parse_params(DEFAULTS, ["temperature=0.2", "top_k=5", "seed=3", "max-new-tokens=9"])
+    p = parse_params(SAMPLING["chat"], ["temperature=0.2", "top_k=5", "seed=3", "max-new-tokens=9"])
     assert (p.temperature, p.top_k, p.seed, p.max_new_tokens) == (0.2, 5, 3, 9)
     assert parse_params(p, ["seed=none"]).seed is None
     with pytest.raises(UserError, match="top_p"):
-        parse_params(DEFAULTS, ["top_p=3"])
+        parse_params(SAMPLING["chat"], ["top_p=3"])
     with pytest.raises(UserError, match="KEY=VALUE"):
-        parse_params(DEFAULTS, ["colour=blue"])
+        parse_params(SAMPLING["chat"], ["colour=blue"])
     with pytest.raises(UserError, match="not a number"):
-        parse_params(DEFAULTS, ["temperature=hot"])
+        parse_params(SAMPLING["chat"], ["temperature=hot"])
 
 
 def test_a_scripted_conversation(loaded):
@@ -58,7 +59,7 @@ def test_a_scripted_conversation(loaded):
     assert "error: sampling parameter top_p = 9.0" in text and "error: unknown command /nonsense" in text
     # The replies are the library's greedy replies to the same growing conversation.
     prompter = Prompter(loaded.tokenizer)
-    params = parse_params(DEFAULTS, ["temperature=0", "max_new_tokens=8", "repetition_penalty=1"])
+    params = parse_params(SAMPLING["chat"], ["temperature=0", "max_new_tokens=8", "repetition_penalty=1"])
     params.stop_ids = prompter.stop_ids
     history = [{"role": "system", "content": "Be short."}]
     for said in ("Hello", "How are you?"):
@@ -72,7 +73,7 @@ def test_a_scripted_conversation(loaded):
 
 
 def test_history_is_trimmed_to_the_context(loaded):
-    session = ChatSession(loaded.model, loaded.tokenizer, parse_params(DEFAULTS, ["max_new_tokens=10"]))
+    session = ChatSession(loaded.model, loaded.tokenizer, parse_params(SAMPLING["chat"], ["max_new_tokens=10"]))
     for i in range(20):
         session.messages += [{"role": "user", "content": f"message {i}"}, {"role": "assistant", "content": "ok"}]
     session.messages.append({"role": "user", "content": "the last one"})
@@ -82,7 +83,8 @@ def test_history_is_trimmed_to_the_context(loaded):
 
 
 def test_ctrl_c_stops_a_reply_but_not_the_chat(loaded):
-    session = ChatSession(loaded.model, loaded.tokenizer, parse_params(DEFAULTS, ["temperature=0", "max_new_tokens=20"]))
+    session = ChatSession(loaded.model, loaded.tokenizer,
+                          parse_params(SAMPLING["chat"], ["temperature=0", "max_new_tokens=20"]))
     out, pieces = [], []
 
     def write(text):

@@ -10,18 +10,11 @@ import torch
 from tiny_chat import byte_tokenizer, one_thread, tiny_model
 
 from scratchlm.errors import UserError
-from scratchlm.infer.generate import (
-    BatchDecoder,
-    TextStream,
-    complete,
-    complete_batch,
-    generate,
-    generate_batch,
-    stream,
-    stream_completions,
-    stream_text,
-)
+from scratchlm.infer.decoder import BatchDecoder
+from scratchlm.infer.generate import complete, complete_batch, generate, stream
 from scratchlm.infer.sampling import SamplingParams, apply_repetition_penalty, filter_logits, sample_next
+from scratchlm.infer.text import TextBatch, TextStream, stream_text
+from scratchlm.runtime import eval_mode
 
 
 @pytest.fixture(autouse=True)
@@ -29,6 +22,23 @@ def _one_thread():
     with one_thread():
         yield
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "nope"]
+
+
+def generate_batch(model, prompts, params) -> list[list[int]]:
+    """New token ids for each prompt of one batch (without the prompt, without the stop id)."""
+    with eval_mode(model):
+        decoder = BatchDecoder(model, prompts, params)
+        while not decoder.done:
+            decoder.step()
+    return [row.output for row in decoder.rows]
+
+
+def stream_completions(model, tokenizer, prompts, params):
+    """A TextBatch's (row, text piece, finish reason) events, one by one."""
+    with eval_mode(model):
+        batch = TextBatch(model, tokenizer, prompts, params)
+        while not batch.done:
+            yield from batch.step()
 
 
 def kept(logits: torch.Tensor, params: SamplingParams) -> set[int]:
@@ -163,7 +173,7 @@ def test_stop_ids_end_a_row_without_being_returned():
     decoder = BatchDecoder(model, [[1, 2], [3]], SamplingParams(max_new_tokens=12, temperature=0, stop_ids=(stop_at,)))
     while not decoder.done:
         decoder.step()
-    assert decoder.finish_reason[0] == "stop" and decoder.outputs[0] == cut
+    assert decoder.rows[0].finish_reason == "stop" and decoder.rows[0].output == cut
     assert generate(model, [1, 2], SamplingParams(max_new_tokens=0)) == []
 
 
@@ -239,9 +249,9 @@ def test_a_prompt_can_join_a_running_batch():
     rows = [decoder.add(p, params) for p, params in later]
     while not decoder.done:
         decoder.step()
-    assert decoder.outputs[0] == generate(model, [1, 2, 3], first)
+    assert decoder.rows[0].output == generate(model, [1, 2, 3], first)
     for row, (p, params) in zip(rows, later):
-        assert decoder.outputs[row] == generate(model, p, params)
+        assert decoder.rows[row].output == generate(model, p, params)
 
 
 @pytest.mark.parametrize("position", POSITIONS)
@@ -257,10 +267,10 @@ def test_joins_and_early_finishes_leave_each_row_as_it_would_be_alone(position):
     decoder.finish(joined[1])  # gone before it ever stepped
     while not decoder.done:
         decoder.step()
-    assert decoder.outputs[0] == generate(model, [1, 2, 3, 4, 5, 6], greedy)
+    assert decoder.rows[0].output == generate(model, [1, 2, 3, 4, 5, 6], greedy)
     for row, prompt in ((joined[0], [7, 8]), (joined[2], [16])):
-        assert decoder.outputs[row] == generate(model, prompt, greedy)
-    assert decoder.outputs[joined[1]] == []
+        assert decoder.rows[row].output == generate(model, prompt, greedy)
+    assert decoder.rows[joined[1]].output == []
 
 
 def test_last_only_logits_are_the_last_row_of_the_full_forward():

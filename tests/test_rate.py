@@ -141,6 +141,7 @@ def test_real_samples_are_seeded(play_text, tmp_path, monkeypatch):
 
     from scratchlm.config import load_config, recipe_path
     from scratchlm.eval.rate import Samples
+    from scratchlm.infer.sampling import SamplingParams
     from scratchlm.train.loop import pretrain
 
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
@@ -151,9 +152,10 @@ def test_real_samples_are_seeded(play_text, tmp_path, monkeypatch):
             f"data.dataset={play_text}", "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16",
             "data.vocab_size=280", "train.micro_batch=2", "train.eval_every=0", "train.max_steps=2", "train.minutes=0",
             "train.warmup_steps=1"]), tmp_path / "run", progress=False)
-        draw = Samples(max_new_tokens=12, temperature=1.0, top_k=0, seed=7, device="cpu")
+        draw = Samples(SamplingParams(max_new_tokens=12, temperature=1.0), seed=7, device="cpu")
         first = draw(str(tmp_path / "run"), "ROMEO.", 2)
-        assert first == Samples(12, 1.0, 0, 7, "cpu")(str(tmp_path / "run"), "ROMEO.", 2)   # same seed, same sample
+        again = Samples(SamplingParams(max_new_tokens=12, temperature=1.0), seed=7, device="cpu")
+        assert first == again(str(tmp_path / "run"), "ROMEO.", 2)   # same seed, same sample
         assert len(first) > 0
     finally:
         torch.set_num_threads(before)

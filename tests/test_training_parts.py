@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from scratchlm.config import TrainConfig, build_config
 from scratchlm.data.loader import RandomWindows, SlidingWindowDataset, sequential_windows
 from scratchlm.eval.metrics import evaluate
-from scratchlm.infer.generate import SamplingParams, generate, sample_next
+from scratchlm.infer.generate import generate
+from scratchlm.infer.sampling import SamplingParams, sample_next
 from scratchlm.model.transformer import Transformer
 from scratchlm.train.optim import build_optimizer, lr_at
 

@@ -3,6 +3,7 @@ lives in the modules it imports."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,8 @@ from scratchlm.errors import UserError
 def cmd_demo(a):
     from scratchlm.demo import run_demo
 
+    if not (math.isfinite(a.minutes) and a.minutes > 0):
+        raise UserError(f"--minutes {a.minutes}: give a training budget in minutes > 0, e.g. --minutes 5")
     run_demo(a.minutes, a.out)
 
 
@@ -84,31 +87,35 @@ def cmd_sft(a):
 
 
 def cmd_generate(a):
-    from scratchlm.infer.generate import SamplingParams, stream, stream_text
+    import dataclasses
+
+    from scratchlm.infer.generate import stream
+    from scratchlm.infer.prompt import plain_prompt, read_prompt
+    from scratchlm.infer.sampling import sampling_for
+    from scratchlm.infer.text import stream_text
     from scratchlm.loading import load
     from scratchlm.runtime import pick_device
 
+    params = sampling_for("generate", max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                          top_p=a.top_p, seed=a.seed)
+    prompt = read_prompt(a.prompt, a.escapes)
     loaded = load(a.checkpoint, pick_device(a.device))
-    tok = loaded.tokenizer
-    stops = (tok.eos_id,) if tok.eos_id is not None else ()
-    params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed, stops)
-    prompt = a.prompt.encode().decode("unicode_escape") if a.escapes else a.prompt
-    ids = tok.encode(prompt) or ([tok.bos_id] if tok.bos_id is not None else tok.encode("\n"))
+    ids, stops = plain_prompt(loaded.tokenizer, prompt)
     sys.stdout.write(prompt)
-    for piece in stream_text(tok, stream(loaded.model, ids, params)):
+    for piece in stream_text(loaded.tokenizer, stream(loaded.model, ids, dataclasses.replace(params, stop_ids=stops))):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
 
 def cmd_chat(a):
-    from scratchlm.chat.terminal import DEFAULTS, chat, parse_params
+    from scratchlm.chat.terminal import chat
+    from scratchlm.infer.prompt import read_prompt
+    from scratchlm.infer.sampling import sampling_for
 
-    params = parse_params(DEFAULTS, [f"{k}={v}" for k, v in (
-        ("max_new_tokens", a.max_new_tokens), ("temperature", a.temperature), ("top_k", a.top_k),
-        ("top_p", a.top_p), ("min_p", a.min_p), ("repetition_penalty", a.repetition_penalty),
-        ("seed", a.seed)) if v is not None])
-    chat(a.checkpoint, a.device, a.system, params)
+    params = sampling_for("chat", max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                          top_p=a.top_p, min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed)
+    chat(a.checkpoint, a.device, read_prompt(a.system, escapes=False, flag="--system"), params)
 
 
 def cmd_serve(a):
@@ -118,9 +125,37 @@ def cmd_serve(a):
 
 
 def cmd_eval(a):
-    from scratchlm.eval.lm import run_eval
+    from scratchlm.eval.lm import evaluate_run, format_row, ngram_baseline, run_data
 
-    run_eval(a)
+    if a.baseline:  # "ngram", the one choice
+        if a.tokenizer:
+            tokenizer_dir, run_source = Path(a.tokenizer), None
+        elif a.checkpoint:
+            tokenizer_dir, run_source = run_data(a.checkpoint)
+        else:
+            raise UserError("--baseline ngram needs a tokenizer: --tokenizer DIR, or --checkpoint RUN for the "
+                            "run's own")
+        source = a.data or run_source
+        if not source:
+            raise UserError("--baseline ngram needs --data SOURCE (a dataset name, a path or hf:NAME)")
+        row = ngram_baseline(a.order, source, tokenizer_dir, a.discount)
+        print(f"{a.order}-gram Kneser-Ney, trained on {row['train_tokens']:,} tokens of {source} train "
+              f"(discounts {row['discounts']})")
+        print(format_row(source, row))
+    elif not a.checkpoint:
+        raise UserError("name a model to evaluate with --checkpoint RUN (or use --baseline ngram --tokenizer DIR)")
+    elif a.task:
+        from scratchlm.eval.tasks import run_task
+        from scratchlm.loading import load
+        from scratchlm.runtime import pick_device
+
+        if a.batch < 1 or a.limit < 0:
+            raise UserError(f"--batch {a.batch} --limit {a.limit}: give a batch >= 1 and a limit >= 0 (0: all)")
+        run_task(load(a.checkpoint, pick_device(a.device)), Path(a.task), a.max_new_tokens, a.batch, a.out, a.limit)
+    else:
+        source, rows = evaluate_run(a.checkpoint, a.data, a.context, a.batch, a.max_tokens, a.device)
+        for row in rows:
+            print(format_row(source, row))
 
 
 def cmd_rate(a):
@@ -131,15 +166,19 @@ def cmd_rate(a):
     elif not a.prompts:
         raise UserError("give --prompts FILE (and --checkpoint A --checkpoint B ...), or --summary ratings.csv")
     else:
-        rate(a.checkpoint or [], Path(a.prompts), Path(a.out), seed=a.seed, max_new_tokens=a.max_new_tokens,
-             temperature=a.temperature, top_k=a.top_k, device=a.device)
+        from scratchlm.infer.sampling import sampling_for
+
+        params = sampling_for("rate", max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k)
+        rate(a.checkpoint or [], Path(a.prompts), Path(a.out), seed=a.seed, params=params, device=a.device)
 
 
 def cmd_attention(a):
+    from scratchlm.infer.prompt import read_prompt
     from scratchlm.runtime import pick_device
     from scratchlm.viz.attention import plot_checkpoint_attention
 
-    path, n = plot_checkpoint_attention(a.checkpoint, a.prompt, Path(a.out), a.layer, pick_device(a.device))
+    prompt = read_prompt(a.prompt, a.escapes)
+    path, n = plot_checkpoint_attention(a.checkpoint, prompt, Path(a.out), a.layer, pick_device(a.device))
     print(f"wrote {path} ({n} tokens)")
 
 
@@ -194,6 +233,18 @@ def cmd_convert(a):
     print(f"wrote {a.dst} ({a.to})")
 
 
+ESCAPES = r"\n, \t, \\, \xHH, \uXXXX read as in Python"
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers separated by commas, "
+                                         "e.g. 256,512") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scratchlm", description="Build your own language model from scratch.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -244,14 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("generate", help="sample text from a checkpoint")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    s.add_argument("--prompt", default="", help="text to continue")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
-    s.add_argument("--top-k", type=int, default=0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--no-escapes", dest="escapes", action="store_false", help="take \\n in the prompt literally")
+    s.add_argument("--prompt", default="", help=f"text to continue ({ESCAPES}); empty: start from <bos>")
+    # Sampling flags default to None: the command's row of infer.sampling.SAMPLING fills them in.
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float, help="0 for greedy")
+    s.add_argument("--top-k", type=int, help="0: off")
+    s.add_argument("--top-p", type=float, help="1: off")
+    s.add_argument("--seed", type=int)
+    s.add_argument("--device", default="auto", help=DEVICES)
+    s.add_argument("--no-escapes", dest="escapes", action="store_false", help="take backslashes in --prompt literally")
     s.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("chat", help="talk to a checkpoint in the terminal (streaming, multi-turn)")
@@ -264,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-p", type=float)
     s.add_argument("--repetition-penalty", type=float)
     s.add_argument("--seed", type=int)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help=DEVICES)
     s.set_defaults(func=cmd_chat)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page for a checkpoint")
@@ -280,10 +332,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("eval", help="loss, perplexity and bits per byte; task scores; an n-gram baseline")
     s.add_argument("--checkpoint", help="run folder or checkpoint folder")
     s.add_argument("--data", help="dataset name or path (default: the run's own)")
-    s.add_argument("--context", type=lambda v: [int(x) for x in v.split(",")], help="e.g. 256,512,1024")
+    s.add_argument("--context", type=_lengths, help="e.g. 256,512,1024")
     s.add_argument("--max-tokens", type=int, default=0, help="score only the first N validation tokens (0: all)")
     s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--device", default="auto", help=DEVICES)
     s.add_argument("--task", metavar="FILE.jsonl", help="Q&A / instruction (generated, scored) or multiple-choice file")
     s.add_argument("--max-new-tokens", type=int, default=64, help="with --task: the longest answer")
     s.add_argument("--limit", type=int, default=0, help="with --task: only the first N examples")
@@ -300,18 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="ratings.csv", help="CSV the ratings are appended to (default ratings.csv)")
     s.add_argument("--summary", metavar="CSV", help="print each checkpoint's mean and spread instead")
     s.add_argument("--seed", type=int, default=0, help="fixes the shuffled order and the samples")
-    s.add_argument("--max-new-tokens", type=int, default=80)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--max-new-tokens", type=int)
+    s.add_argument("--temperature", type=float)
+    s.add_argument("--top-k", type=int)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_rate)
 
     s = sub.add_parser("attention", help="attention maps of every layer and head for a prompt, as a PNG grid")
     s.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", required=True, help=f"text to look at ({ESCAPES})")
+    s.add_argument("--no-escapes", dest="escapes", action="store_false", help="take backslashes in --prompt literally")
     s.add_argument("--out", default="attention.png", help="PNG, SVG or PDF file")
     s.add_argument("--layer", type=int, help="only this layer (0 is the first)")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help=DEVICES)
     s.set_defaults(func=cmd_attention)
 
     s = sub.add_parser("sweep", help="train every combination of a grid of config values; table and plot")

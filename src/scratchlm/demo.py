@@ -4,6 +4,7 @@ Every step is the real stage the other commands run; the demo only strings them 
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -12,7 +13,8 @@ import torch
 from scratchlm.config import load_config, recipe_path
 from scratchlm.data.prepare import prepare
 from scratchlm.data.sources import get_dataset
-from scratchlm.infer.generate import SamplingParams, generate
+from scratchlm.infer.generate import generate
+from scratchlm.infer.sampling import SAMPLING
 from scratchlm.loading import load
 from scratchlm.runtime import pick_device
 from scratchlm.train.loop import pretrain
@@ -49,12 +51,12 @@ def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool
           f"bits per byte {result['val_bpb']:.4f} ({result['val_tokens']:,} tokens, {result['val_bytes']:,} bytes)")
 
     _say(f"6. run folder {out}: config.toml, metrics.jsonl, loss.png, checkpoints/")
-    _say("7. samples (temperature 0.8, top-k 50)")
+    sampling = SAMPLING["demo"]
+    _say(f"7. samples (temperature {sampling.temperature:g}, top-k {sampling.top_k})")
     loaded = load(out, device)
     for seed, prompt in enumerate(PROMPTS):
         # a seed of its own for each prompt: with one seed for all, a small model's samples share whole lines
-        params = SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50, seed=seed, stop_ids=())
-        ids = generate(loaded.model, loaded.tokenizer.encode(prompt), params)
+        ids = generate(loaded.model, loaded.tokenizer.encode(prompt), dataclasses.replace(sampling, seed=seed))
         print("-" * 60)
         print(prompt + loaded.tokenizer.decode(ids))
     print("-" * 60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -14,15 +15,28 @@ import torch
 from scratchlm.errors import UserError
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, setting: str = "--device") -> torch.device:
+    """The device called `name`: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or
+    mps. UserError naming `setting` (the flag or config field it came from) for any other name, or for a
+    device this machine does not have."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name == "cpu":
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device = 'cuda' but no CUDA device is visible; use train.device=cpu or auto")
+    if name == "mps":
+        if not mps:
+            raise UserError(f"{setting} mps: Apple's MPS is not available on this machine; use cpu or auto")
+        return torch.device("mps")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise UserError(f"{setting} {name!r} is not a device; use one of auto, cpu, cuda, cuda:N, mps")
+    if not torch.cuda.is_available():
+        raise UserError(f"{setting} {name}: no CUDA device is visible; use cpu or auto")
+    count = torch.cuda.device_count()
+    if match[1] is not None and int(match[1]) >= count:
+        raise UserError(f"{setting} {name}: this machine has {count} CUDA device{'s' * (count != 1)}, "
+                        f"cuda:0 to cuda:{count - 1}")
     return torch.device(name)
 
 

@@ -1,8 +1,8 @@
 """`scratchlm chat`: talk to a model in the terminal.
 
-Replies stream as they are generated. The conversation is trimmed from its oldest turns so that it
-always fits the context with room for the reply. Ctrl-C stops a reply (what was shown stays in the
-conversation) without leaving; Ctrl-C or Ctrl-D at the prompt leaves.
+Replies stream as they are generated, and are at most a context long. The conversation is trimmed from
+its oldest turns so that it always fits the context with room for the reply. Ctrl-C stops a reply (what
+was shown stays in the conversation) without leaving; Ctrl-C or Ctrl-D at the prompt leaves.
 """
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import torch
 
 from scratchlm.chat.template import Prompter
 from scratchlm.errors import UserError
-from scratchlm.infer.generate import stream, stream_text
-from scratchlm.infer.sampling import SamplingParams
+from scratchlm.infer.generate import stream
+from scratchlm.infer.prompt import read_prompt
+from scratchlm.infer.sampling import SAMPLING, SamplingParams
+from scratchlm.infer.text import stream_text
 
 HELP = """commands:
   /reset               forget the conversation
@@ -25,7 +27,6 @@ HELP = """commands:
   /help                this text
   /quit                leave (so do Ctrl-D and Ctrl-C at the prompt)"""
 
-DEFAULTS = SamplingParams(max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1)
 SETTABLE = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 
 
@@ -51,12 +52,26 @@ def parse_params(params: SamplingParams, assignments: list[str]) -> SamplingPara
 
 
 class ChatSession:
-    def __init__(self, model: torch.nn.Module, tokenizer, params: SamplingParams = DEFAULTS, system: str = ""):
+    def __init__(self, model: torch.nn.Module, tokenizer, params: SamplingParams = SAMPLING["chat"],
+                 system: str = ""):
         self.model, self.tokenizer = model, tokenizer
         self.prompter = Prompter(tokenizer)
-        self.params = params.check()
+        self.notice = self.use(params.check())   # what the chat says about the parameters, if anything
         self.system = system
         self.messages: list[dict[str, str]] = []
+
+    def use(self, params: SamplingParams) -> str:
+        """Sample with `params` from now on. A reply longer than the context would push the conversation
+        it answers out of the model's view, so max_new_tokens past the context is capped there: returns the
+        line saying so, or ""."""
+        context = self.model.config.context
+        note = ""
+        if params.max_new_tokens > context:
+            note = (f"(max_new_tokens {params.max_new_tokens} is more than the context: replies stop after "
+                    f"{context} tokens)")
+            params = dataclasses.replace(params, max_new_tokens=context)
+        self.params = params
+        return note
 
     def command(self, line: str) -> str:
         """Run a /command and return what to print."""
@@ -68,9 +83,8 @@ class ChatSession:
             self.system = arg.strip()
             return f"(system message: {self.system})" if self.system else "(system message cleared)"
         if name == "/params":
-            if arg.strip():
-                self.params = parse_params(self.params, arg.split())
-            return " ".join(f"{k}={getattr(self.params, k)}" for k in SETTABLE)
+            note = self.use(parse_params(self.params, arg.split())) if arg.strip() else ""
+            return " ".join(f"{k}={getattr(self.params, k)}" for k in SETTABLE) + (f"\n{note}" if note else "")
         if name in ("/help", "/?"):
             return HELP
         raise UserError(f"unknown command {name}; /help lists them")
@@ -107,15 +121,20 @@ def run(session: ChatSession, read: Callable[[str], str] = input, write: Callabl
         except (EOFError, KeyboardInterrupt):
             write("\n")
             return
+        except UnicodeDecodeError:
+            write("error: that line is not UTF-8 text\n")
+            continue
         if not line.strip():
             continue
         if line.strip() in ("/quit", "/exit"):
             return
-        if line.startswith("/"):
-            try:
+        try:
+            line = read_prompt(line, escapes=False, flag="that line")
+            if line.startswith("/"):
                 write(session.command(line) + "\n")
-            except UserError as e:
-                write(f"error: {e}\n")
+                continue
+        except UserError as e:
+            write(f"error: {e}\n")
             continue
         write("bot> ")
         flush()
@@ -128,7 +147,7 @@ def run(session: ChatSession, read: Callable[[str], str] = input, write: Callabl
             write(" [stopped]\n")
 
 
-def chat(checkpoint: str, device: str = "auto", system: str = "", params: SamplingParams = DEFAULTS) -> None:
+def chat(checkpoint: str, device: str = "auto", system: str = "", params: SamplingParams = SAMPLING["chat"]) -> None:
     from scratchlm.loading import load
     from scratchlm.runtime import pick_device
 
@@ -136,6 +155,8 @@ def chat(checkpoint: str, device: str = "auto", system: str = "", params: Sampli
     session = ChatSession(loaded.model, loaded.tokenizer, params, system)
     kind = "chat model" if session.prompter.templated else "base model (no chat tokens: plain transcript prompts)"
     print(f"{loaded.checkpoint} · {kind} · context {loaded.model.config.context}. /help for commands.")
+    if session.notice:
+        print(session.notice)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:

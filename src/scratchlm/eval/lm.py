@@ -86,42 +86,28 @@ def ngram_baseline(order: int, source: str, tokenizer_dir: Path, discount: float
             "discounts": {k: round(d, 4) for k, d in model.discount.items()}}
 
 
-def run_eval(a) -> None:
-    """The `scratchlm eval` command: one of a task file, the n-gram baseline, or the checkpoint's
-    loss at each context length."""
-    if a.baseline:
-        if a.baseline != "ngram":
-            raise UserError(f"--baseline {a.baseline!r}: the one baseline is ngram")
-        if a.tokenizer:
-            tokenizer_dir, run_source = Path(a.tokenizer), None
-        elif a.checkpoint:
-            from scratchlm.config import load_config
-            from scratchlm.rundir import resolve_checkpoint
+def run_data(checkpoint: str) -> tuple[Path, str]:
+    """A run's tokenizer folder and the dataset it was trained on, for a baseline on the same terms."""
+    from scratchlm.config import load_config
+    from scratchlm.rundir import resolve_checkpoint
 
-            run_dir, _ = resolve_checkpoint(a.checkpoint)
-            tokenizer_dir, run_source = run_dir / "tokenizer", load_config(run_dir / "config.toml").data.dataset
-        else:
-            raise UserError("--baseline ngram needs a tokenizer: --tokenizer DIR, or --checkpoint RUN for the run's own")
-        source = a.data or run_source
-        if not source:
-            raise UserError("--baseline ngram needs --data SOURCE (a dataset name, a path or hf:NAME)")
-        row = ngram_baseline(a.order, source, tokenizer_dir, a.discount)
-        print(f"{a.order}-gram Kneser-Ney, trained on {row['train_tokens']:,} tokens of {source} train "
-              f"(discounts {row['discounts']})")
-        print(format_row(source, row))
-        return
-    if not a.checkpoint:
-        raise UserError("name a model to evaluate with --checkpoint RUN (or use --baseline ngram --tokenizer DIR)")
+    run_dir, _ = resolve_checkpoint(checkpoint)
+    return run_dir / "tokenizer", load_config(run_dir / "config.toml").data.dataset
+
+
+def evaluate_run(checkpoint: str, source: str | None = None, contexts: list[int] | None = None, batch: int = 16,
+                 max_tokens: int = 0, device: str = "auto", progress: bool = True) -> tuple[str, list[dict]]:
+    """A checkpoint's rows of `eval_contexts` on the validation split of `source` (default: the dataset it
+    was trained on) at each of `contexts` (default: its training context). Returns (source, rows)."""
     from scratchlm.loading import load
     from scratchlm.runtime import pick_device
 
-    device = pick_device(a.device)
-    loaded = load(a.checkpoint, device)
-    if a.task:
-        from scratchlm.eval.tasks import run_task
-
-        run_task(loaded, Path(a.task), a.max_new_tokens, a.batch, a.out, a.limit)
-        return
-    source = a.data or loaded.config.data.dataset
-    for row in eval_contexts(loaded, source, a.context or [loaded.config.model.context], a.batch, a.max_tokens, device):
-        print(format_row(source, row))
+    if batch < 1:
+        raise UserError(f"--batch {batch}: score at least 1 window at a time")
+    if max_tokens < 0:
+        raise UserError(f"--max-tokens {max_tokens}: give a number of tokens >= 1, or 0 for the whole split")
+    device = pick_device(device)
+    loaded = load(checkpoint, device)
+    source = source or loaded.config.data.dataset
+    rows = eval_contexts(loaded, source, contexts or [loaded.config.model.context], batch, max_tokens, device, progress)
+    return source, rows

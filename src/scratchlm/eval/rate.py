@@ -10,6 +10,7 @@ sample for a prompt is the same in every session, whatever order it is shown in.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import random
 import re
@@ -20,21 +21,29 @@ from pathlib import Path
 from typing import TextIO
 
 from scratchlm.errors import UserError
+from scratchlm.infer.prompt import plain_prompt, read_prompt
+from scratchlm.infer.sampling import SAMPLING, SamplingParams
 
 CRITERIA = ("fluency", "coherence", "relevance")
+SEED_STRIDE = 100_003                      # a sample's seed: the run's seed times this, plus the prompt's index
+MAX_SEED = 2**40                           # so that every sample's seed is one torch takes (under 2**64)
 FIELDS = ("checkpoint", "prompt", "sample", *CRITERIA, "rated_at")
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per line of a text file (`\\n` in a line stands for a line break), or the "prompt"
-    field of each line of a .jsonl file. Blank lines are skipped."""
+    """One prompt per line of a text file, its escapes read as `generate --prompt` reads them (`\\n` for a
+    line break), or the "prompt" field of each line of a .jsonl file. Blank lines are skipped."""
     import json
 
     path = Path(path)
     if not path.is_file():
         raise UserError(f"prompts file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     prompts = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         if path.suffix == ".jsonl":
@@ -44,9 +53,9 @@ def read_prompts(path: Path) -> list[str]:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise UserError(f"{path}:{n}: expected an object with a text field 'prompt'")
-            prompts.append(record["prompt"])
+            prompts.append(read_prompt(record["prompt"], escapes=False, flag=f"{path}:{n}"))
         else:
-            prompts.append(line.replace("\\n", "\n"))
+            prompts.append(read_prompt(line, flag=f"{path}:{n}"))
     if not prompts:
         raise UserError(f"{path} holds no prompts")
     if len(set(prompts)) != len(prompts):
@@ -85,14 +94,13 @@ def parse_rating(text: str) -> tuple[int, int, int] | None:
 class Samples:
     """Loads each checkpoint once, when its first sample is needed, and draws seeded samples."""
 
-    def __init__(self, max_new_tokens: int, temperature: float, top_k: int, seed: int, device: str):
-        self.max_new_tokens, self.temperature, self.top_k, self.seed = max_new_tokens, temperature, top_k, seed
-        self.device = device
+    def __init__(self, params: SamplingParams, seed: int, device: str):
+        self.params, self.seed, self.device = params, seed, device
         self.loaded: dict[str, object] = {}
 
     def __call__(self, checkpoint: str, prompt: str, index: int) -> str:
-        from scratchlm.chat.template import Prompter, encode_text, has_chat_tokens
-        from scratchlm.infer.generate import SamplingParams, complete
+        from scratchlm.chat.template import Prompter, has_chat_tokens
+        from scratchlm.infer.generate import complete
         from scratchlm.loading import load
         from scratchlm.runtime import pick_device
 
@@ -105,17 +113,19 @@ class Samples:
             ids = prompter.prompt([{"role": "user", "content": prompt}])
             stops, stop_text = prompter.stop_ids, prompter.stop_strings
         else:
-            ids = encode_text(tok, prompt) or encode_text(tok, "\n")
-            stops, stop_text = ((tok.eos_id,) if tok.eos_id is not None else ()), ()
-        params = SamplingParams(self.max_new_tokens, self.temperature, self.top_k, seed=self.seed * 100_003 + index,
-                                stop_ids=stops, stop=stop_text)
+            ids, stops = plain_prompt(tok, prompt)
+            stop_text = ()
+        params = dataclasses.replace(self.params, seed=self.seed * SEED_STRIDE + index, stop_ids=stops, stop=stop_text)
         return complete(run.model, tok, ids, params).text
 
 
-def rate(checkpoints: list[str], prompts_path: Path, out: Path, *, seed: int = 0, max_new_tokens: int = 80,
-         temperature: float = 0.8, top_k: int = 50, device: str = "auto", sampler=None,
+def rate(checkpoints: list[str], prompts_path: Path, out: Path, *, seed: int = 0,
+         params: SamplingParams = SAMPLING["rate"], device: str = "auto", sampler=None,
          stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """Ask for ratings of every (checkpoint, prompt) pair not yet in `out`; return how many were given."""
+    """Ask for ratings of every (checkpoint, prompt) pair not yet in `out`, sampled with `params` (each
+    sample seeded by `seed` and its prompt); return how many were given."""
+    if not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {seed}: give a whole number from 0 to {MAX_SEED}")
     if len(checkpoints) < 1:
         raise UserError("name the checkpoints to compare: --checkpoint A --checkpoint B ...")
     labels = [str(Path(c)) for c in checkpoints]
@@ -135,7 +145,7 @@ def rate(checkpoints: list[str], prompts_path: Path, out: Path, *, seed: int = 0
         return 0
     print(f"{len(todo)} samples to rate ({len(items) - len(todo)} rated before). For each, type three ratings "
           f"from 1 (bad) to 5 (good): {', '.join(CRITERIA)}, e.g. '4 3 5'; 's' skips, 'q' stops.", file=stdout)
-    sampler = sampler or Samples(max_new_tokens, temperature, top_k, seed, device)
+    sampler = sampler or Samples(params, seed, device)
     out.parent.mkdir(parents=True, exist_ok=True)
     new_file = not out.exists() or out.stat().st_size == 0
     given = 0

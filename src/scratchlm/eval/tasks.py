@@ -203,8 +203,10 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
                      batch: int = 16) -> list[str]:
     """Greedy answers. A tokenizer with the chat tokens gets the chat template and the reply ends at the
     template's end token; any other model gets the plain prompt and answers with its first line."""
-    from scratchlm.chat.template import Prompter, encode_text, has_chat_tokens
-    from scratchlm.infer.generate import SamplingParams, complete_batch
+    from scratchlm.chat.template import Prompter, has_chat_tokens
+    from scratchlm.infer.generate import complete_batch
+    from scratchlm.infer.prompt import end_ids, plain_prompt
+    from scratchlm.infer.sampling import SamplingParams
 
     chat = has_chat_tokens(tokenizer)
     if chat:
@@ -212,9 +214,8 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
         prompts = [prompter.prompt(e.messages) for e in examples]
         params = SamplingParams(max_new_tokens, temperature=0.0, stop_ids=prompter.stop_ids, stop=prompter.stop_strings)
     else:
-        eos = (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
-        prompts = [encode_text(tokenizer, e.text) or encode_text(tokenizer, "\n") for e in examples]
-        params = SamplingParams(max_new_tokens, temperature=0.0, stop_ids=eos)
+        prompts = [plain_prompt(tokenizer, e.text)[0] for e in examples]
+        params = SamplingParams(max_new_tokens, temperature=0.0, stop_ids=end_ids(tokenizer))
     answers = []
     for i in range(0, len(prompts), batch):
         answers += [c.text for c in complete_batch(model, tokenizer, prompts[i:i + batch], params)]
@@ -231,13 +232,14 @@ def choice_logprobs(model, tokenizer, item: Choice) -> list[float]:
     """Sum of log P(choice tokens | context) for each choice. A context's trailing spaces go with the
     choice, so that "Answer: " + "Paris" is tokenised as "Answer:" + " Paris", as in running text."""
     from scratchlm.chat.template import encode_text
+    from scratchlm.infer.prompt import plain_prompt
 
     context, choices = item.context, item.choices
     trail = len(context) - len(context.rstrip(" "))
     context, choices = context[:len(context) - trail], [" " * trail + c for c in choices]
     ctx = encode_text(tokenizer, context) if context else []
     if not ctx:
-        ctx = [tokenizer.bos_id] if tokenizer.bos_id is not None else encode_text(tokenizer, "\n")
+        ctx, _ = plain_prompt(tokenizer, "")  # what an empty prompt starts from
     window = model.config.context
     rows, spans = [], []
     for c in choices:

@@ -8,6 +8,7 @@ before or after top-k and top-p.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -16,6 +17,7 @@ import torch
 from scratchlm.errors import UserError
 
 MAX_STOP_STRINGS = 16
+MAX_SEED = 2**64 - 1   # what torch.Generator.manual_seed takes
 
 
 @dataclass
@@ -30,12 +32,19 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # 1: off; above 1, tokens already in the sequence become less likely
     stop: tuple[str, ...] = ()        # stop strings: text generation ends before the first one
 
+    def __post_init__(self):
+        self.check()
+
     def check(self) -> SamplingParams:
-        """Raise UserError naming the first value out of range; return self so calls can chain."""
+        """Raise UserError naming the first value out of range; return self so calls can chain. Every
+        construction runs it; call it again after changing a field."""
         def bad(name: str, why: str):
             raise UserError(f"sampling parameter {name} = {getattr(self, name)!r}: {why}")
 
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        def whole(value) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 0:
             bad("max_new_tokens", "must be a whole number >= 0")
         for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
             value = getattr(self, name)
@@ -43,7 +52,7 @@ class SamplingParams:
                 bad(name, "must be a number")
         if self.temperature < 0:
             bad("temperature", "must be >= 0 (0 is greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not whole(self.top_k) or self.top_k < 0:
             bad("top_k", "must be a whole number >= 0 (0 is off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1] (1 is off)")
@@ -51,8 +60,8 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1] (0 is off)")
         if self.repetition_penalty <= 0:
             bad("repetition_penalty", "must be > 0 (1 is off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0):
-            bad("seed", "must be a whole number >= 0")
+        if self.seed is not None and (not whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            bad("seed", "must be a whole number from 0 to 2**64 - 1")
         if len(self.stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", f"must be at most {MAX_STOP_STRINGS} non-empty strings")
         return self
@@ -60,6 +69,26 @@ class SamplingParams:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+# Each entry point's defaults, in one place so that they differ on purpose. A chat reply is sampled more
+# cautiously (lower temperature, nucleus, a repetition penalty) than free text; the short rows are for
+# samples a person reads at a glance. The server starts from the dataclass's defaults, which are OpenAI's
+# (temperature 1, no filters); its length is the request's max_tokens or what is left of the context.
+SAMPLING = {
+    "generate": SamplingParams(max_new_tokens=200, temperature=0.8),
+    "chat": SamplingParams(max_new_tokens=256, temperature=0.7, top_k=50, top_p=0.95, repetition_penalty=1.1),
+    "rate": SamplingParams(max_new_tokens=80, temperature=0.8, top_k=50),
+    "demo": SamplingParams(max_new_tokens=120, temperature=0.8, top_k=50),
+    "train_sample": SamplingParams(max_new_tokens=48, temperature=0.8, top_k=50, seed=0),
+    "serve": SamplingParams(),
+}
+
+
+def sampling_for(entry: str, **given) -> SamplingParams:
+    """`entry`'s row of SAMPLING with the values given in place of its own (None: keep the row's);
+    UserError when a value is out of range."""
+    return dataclasses.replace(SAMPLING[entry], **{k: v for k, v in given.items() if v is not None})
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

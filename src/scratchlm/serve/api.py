@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scratchlm.chat.template import ROLES
-from scratchlm.infer.sampling import MAX_STOP_STRINGS, SamplingParams
+from scratchlm.infer.sampling import MAX_STOP_STRINGS, SAMPLING, SamplingParams
 
 MAX_N = 1
 
@@ -100,14 +100,15 @@ def parse_request(body: object, chat: bool, model_id: str) -> Request:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
             raise ApiError(400, f"'{name}' is not supported; use 'repetition_penalty' (1 is off)", name)
+    default = SAMPLING["serve"]
     params = SamplingParams(
         max_new_tokens=max_tokens or 0,
-        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=_integer(body, "top_k", 0, 0, 1_000_000),
-        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, low_open=True),
-        seed=_integer(body, "seed", None, 0, 2**63 - 1),
+        temperature=_number(body, "temperature", default.temperature, 0.0, 2.0),
+        top_p=_number(body, "top_p", default.top_p, 0.0, 1.0, low_open=True),
+        top_k=_integer(body, "top_k", default.top_k, 0, 1_000_000),
+        min_p=_number(body, "min_p", default.min_p, 0.0, 1.0),
+        repetition_penalty=_number(body, "repetition_penalty", default.repetition_penalty, 0.0, 10.0, low_open=True),
+        seed=_integer(body, "seed", default.seed, 0, 2**63 - 1),
         stop=tuple(stop),
     )
     req = Request(model, stream, bool(options.get("include_usage")), params, max_tokens)

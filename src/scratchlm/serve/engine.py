@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from scratchlm.infer.generate import TextBatch
 from scratchlm.infer.sampling import SamplingParams
+from scratchlm.infer.text import TextBatch
 
 
 class Busy(Exception):
@@ -107,18 +107,18 @@ class Engine:
             batch = TextBatch(self.model, self.tokenizer, [first.prompt], [first.params])
             self._answer_empty(batch, jobs, 0)
             while not self.stopping.is_set():
-                while len(batch.decoder.active) < self.max_batch and (job := self._next_waiting(None)):
+                while len(batch.active) < self.max_batch and (job := self._next_waiting(None)):
                     jobs.append(job)
                     self._answer_empty(batch, jobs, batch.add(job.prompt, job.params))
                 if batch.done:
                     break
-                self.busy_rows = len(batch.decoder.active)
-                for r in list(batch.decoder.active):
+                self.busy_rows = len(batch.active)
+                for r in list(batch.active):
                     if jobs[r].cancelled.is_set():
                         batch.cancel(r)
                 for r, piece, reason in batch.step():
                     jobs[r].events.put(Event(piece, reason, batch.completion_tokens(r)))
-            for r in batch.decoder.active:  # stopped midway: release the waiting HTTP threads
+            for r in batch.active:  # stopped midway: release the waiting HTTP threads
                 jobs[r].events.put(Event("", None, 0, error="the server is shutting down"))
         except Exception as e:  # a bug must not kill the worker: fail these requests, serve the next
             traceback.print_exc()
@@ -130,6 +130,6 @@ class Engine:
 
     @staticmethod
     def _answer_empty(batch: TextBatch, jobs: list[Job], row: int) -> None:
-        reason = batch.decoder.finish_reason[row]
+        reason = batch.finish_reason(row)
         if reason is not None:  # asked for no tokens at all: done before it starts
             jobs[row].events.put(Event("", reason, 0))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from scratchlm.chat.template import Prompter
 from scratchlm.errors import UserError
+from scratchlm.infer.prompt import plain_prompt
 from scratchlm.serve.api import ApiError, chunk_body, completion_body, new_id, parse_request, usage_chunk
 from scratchlm.serve.engine import Busy, Engine
 
@@ -61,12 +62,7 @@ class App:
             params.stop = tuple(dict.fromkeys(params.stop + self.prompter.stop_strings))
             kind = "messages"
         else:
-            prompt = self.tokenizer.encode(req.prompt)
-            if not prompt:
-                bos = self.tokenizer.bos_id
-                prompt = [bos] if bos is not None else self.tokenizer.encode("\n")
-            eos = self.tokenizer.eos_id
-            params.stop_ids = (eos,) if eos is not None else ()
+            prompt, params.stop_ids = plain_prompt(self.tokenizer, req.prompt)
             kind = "prompt"
         room = self.context - len(prompt)
         if room < 1 or (req.max_tokens is not None and req.max_tokens > room):

@@ -67,7 +67,7 @@ def finetune(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict
     rank 0 return {}."""
     cfg, out_dir = stage_config(cfg), Path(out_dir)
     tc = cfg.train
-    device = pick_device(tc.device)
+    device = pick_device(tc.device, "train.device")
     d = dist.init_distributed(device.type)
     with tempfile.TemporaryDirectory(prefix="scratchlm-sft-") as scratch:
         try:
