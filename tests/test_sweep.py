@@ -133,7 +133,8 @@ def test_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(play_text, t
     run2 = out / names[1]
     for later in rundir.list_checkpoints(run2)[2:]:
         shutil.rmtree(later)
-    (run2 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows(run2) if r["step"] <= 5 and not r.get("final")))
+    kept = [r for r in rows(run2) if r["step"] <= 5 and not r.get("final")]
+    (run2 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     shutil.rmtree(out / names[2])
 
     from scratchlm.train import loop

@@ -194,7 +194,8 @@ class DataConfig:
 class TrainConfig:
     seed: int = 1337
     device: str = "auto"             # auto | cpu | cuda | mps
-    precision: str = "auto"          # auto (bf16 autocast on GPU, float32 on CPU) | bf16-native (bf16 where the hardware multiplies it) | fp32 | bf16 | fp16
+    # auto (bf16 autocast on GPU, float32 on CPU) | bf16-native (bf16 where the hardware multiplies it) | fp32 | bf16 | fp16
+    precision: str = "auto"
     micro_batch: int = 16            # sequences per forward pass
     batch_tokens: int = 0            # tokens per optimizer step; 0: one micro-batch. Sets gradient accumulation.
     max_steps: int = 0               # 0: until the time budget runs out

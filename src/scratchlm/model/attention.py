@@ -126,7 +126,10 @@ class CausalSelfAttention(nn.Module):
         if slopes is None and not force:
             return None
         future = k_pos[None, :] > q_pos[:, None]
-        bias = alibi_bias(slopes.to(q_pos.device), q_pos, k_pos) if slopes is not None else torch.zeros(future.shape, device=q_pos.device)[None]
+        if slopes is not None:
+            bias = alibi_bias(slopes.to(q_pos.device), q_pos, k_pos)
+        else:
+            bias = torch.zeros(future.shape, device=q_pos.device)[None]
         return bias.masked_fill(future[None], float("-inf")).to(dtype)
 
     def _explicit(self, q, k, v, bias, dropout) -> torch.Tensor:
