@@ -121,7 +121,7 @@ def cmd_chat(a):
 def cmd_serve(a):
     from scratchlm.serve.server import serve
 
-    serve(a.checkpoint, a.host, a.port, a.device, a.model_name, a.max_batch, a.verbose)
+    serve(a.checkpoint, a.host, a.port, a.device, a.model_name, a.max_batch, a.verbose, a.idle_timeout)
 
 
 def cmd_eval(a):
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-name", help="model id in the API (default: the run folder's name)")
     s.add_argument("--max-batch", type=int, default=8, help="requests generated together at most")
     s.add_argument("--device", default="auto")
+    s.add_argument("--idle-timeout", type=float, default=30.0,
+                   help="seconds a connection may stay silent before it is closed (default 30)")
     s.add_argument("--verbose", action="store_true", help="log every request")
     s.set_defaults(func=cmd_serve)
 

@@ -26,22 +26,56 @@ ROLES = tuple(ROLE_TOKENS)
 Message = Mapping[str, str]
 
 
-def check_messages(messages: object, where: str = "messages") -> list[dict[str, str]]:
-    """A list of {"role", "content"} dicts with known roles and string content, or UserError naming
-    `where` and the message at fault. Returns plain dicts holding only role and content."""
+class MessageError(UserError):
+    """A message that `check_messages` refuses. Besides the message for a file's reader, it holds
+    `param`, the part at fault named as the OpenAI API names it ("messages[2].role"), and `problem`,
+    what is wrong with it ("is 'bot'; expected one of ..."), for an API error."""
+
+    def __init__(self, where: str, param: str, problem: str):
+        head, _, field = param.partition(".")
+        if field:
+            subject = f"{head}: field '{field}'"
+        else:
+            subject = head if "[" in head else f"'{head}'"
+        super().__init__(f"{where}: {subject} {problem}" if where else f"{subject} {problem}")
+        self.param, self.problem = param, problem
+
+
+# OpenAI's newer name for the system message.
+ROLE_ALIASES = {"developer": "system"}
+
+
+def check_messages(messages: object, where: str = "messages", *, api: bool = False) -> list[dict[str, str]]:
+    """A list of {"role", "content"} dicts with known roles and string content, or MessageError (a
+    UserError) naming `where` (left out when empty) and the message at fault. Returns plain dicts
+    holding only role and content.
+
+    Two shapes of the OpenAI API are read everywhere: the role "developer" as "system", and content given
+    as a list of text parts (`[{"type": "text", "text": ...}]`) as their joined text. With `api`, an
+    assistant message may also leave its content out (the API allows that), read as empty; in a file of
+    chats that would be an empty reply to learn or to score against, so there it is refused."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{\"role\", \"content\"}} objects")
+        raise MessageError(where, "messages", "must be a non-empty list of {\"role\", \"content\"} objects")
     out = []
     for i, m in enumerate(messages):
-        at = f"{where}: messages[{i}]"
+        at = f"messages[{i}]"
         if not isinstance(m, Mapping):
-            raise UserError(f"{at} must be an object with 'role' and 'content', not {type(m).__name__}")
+            raise MessageError(where, at, f"must be an object with 'role' and 'content', not {type(m).__name__}")
         role, content = m.get("role"), m.get("content")
+        role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None  # a list cannot be looked up
         if role not in ROLE_TOKENS:
-            raise UserError(f"{at}: field 'role' is {role!r}; expected one of {', '.join(ROLES)}")
+            raise MessageError(where, f"{at}.role", f"is {m.get('role')!r}; expected one of {', '.join(ROLES)}")
+        if isinstance(content, list):
+            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise MessageError(where, f"{at}.content", "has a part that is not {\"type\": \"text\", "
+                                   "\"text\": ...}; only text can be read")
+            content = "".join(p["text"] for p in content)
+        if content is None and api and role == "assistant":
+            content = ""
         if not isinstance(content, str):
             what = "missing" if content is None else f"a {type(content).__name__}"
-            raise UserError(f"{at}: field 'content' is {what}; expected text")
+            raise MessageError(where, f"{at}.content", f"is {what}; expected text")
         out.append({"role": role, "content": content})
     return out
 

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from scratchlm.chat.template import ROLES
+from scratchlm.chat.template import MessageError, check_messages
 from scratchlm.infer.sampling import MAX_STOP_STRINGS, SAMPLING, SamplingParams
 
 MAX_N = 1
@@ -125,29 +125,10 @@ def parse_request(body: object, chat: bool, model_id: str) -> Request:
 
 
 def _messages(messages: object) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        param = f"messages[{i}]"
-        if not isinstance(m, Mapping):
-            raise ApiError(400, f"'{param}' must be an object with 'role' and 'content'", param)
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"'{param}.role' must be one of {', '.join(ROLES)}, got {m.get('role')!r}",
-                           f"{param}.role")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text ones can be read by this model
-            if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ApiError(400, f"'{param}.content' parts must all be of type 'text'", f"{param}.content")
-            content = "".join(p["text"] for p in content)
-        if content is None and role == "assistant":
-            content = ""
-        if not isinstance(content, str):
-            raise ApiError(400, f"'{param}.content' must be a string", f"{param}.content")
-        out.append({"role": role, "content": content})
-    return out
+    try:
+        return check_messages(messages, "", api=True)
+    except MessageError as e:
+        raise ApiError(400, f"'{e.param}' {e.problem}", e.param) from None
 
 
 def new_id(prefix: str) -> str:

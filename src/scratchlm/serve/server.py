@@ -10,6 +10,10 @@ Both POST routes stream by server-sent events with `"stream": true`. Each HTTP c
 (`ThreadingHTTPServer`) that checks the request, queues it with the engine and relays its events; the
 engine's single worker thread is the only one that runs the model. No cross-origin (CORS) headers are
 sent, so other web sites open in the user's browser cannot use the model; the page at `/` is same-origin.
+
+Every error is JSON in OpenAI's shape, including those the standard library finds itself (a request line
+or headers it cannot read, an unknown method). A connection that sends nothing for `idle_timeout` seconds
+(30 by default) is closed, so idle or stalled clients cannot hold threads and sockets forever.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,6 +36,11 @@ from scratchlm.serve.engine import Busy, Engine
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 1 << 20
 REPLY_TIMEOUT = 600.0   # seconds an HTTP thread waits for the next piece before giving up
+IDLE_TIMEOUT = 30.0     # seconds a connection may stay silent (between requests or within one)
+
+
+class ClientGone(ConnectionError):
+    """The client closed its connection before sending the whole request."""
 
 
 class App:
@@ -78,18 +88,40 @@ class App:
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "scratchlm"
+    # A request line that cannot be parsed leaves the request at this version; the standard library's
+    # HTTP/0.9 would answer its error with a bare body, without a status line or headers.
+    default_request_version = "HTTP/1.1"
 
     @property
     def app(self) -> App:
         return self.server.app
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # applied to the socket by StreamRequestHandler.setup
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except ConnectionError as e:  # the client is gone: nothing to answer, and no bug to trace
+            BaseHTTPRequestHandler.log_message(self, "connection dropped: %s", str(e) or type(e).__name__)
+
     def log_message(self, format, *args):  # noqa: A002  (the base class's name)
         if getattr(self.server, "verbose", False):
             super().log_message(format, *args)
 
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (a request it cannot parse, an unknown method), as JSON."""
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True  # the rest of an unreadable request cannot be told from the next one
+        kind = "server_error" if code >= 500 else "invalid_request_error"
+        self._error(ApiError(code, message or self.responses.get(code, ("error",))[0], kind=kind))
+
     # ------------------------------------------------------------------ plumbing
     def _send(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -103,20 +135,26 @@ class Handler(BaseHTTPRequestHandler):
         self._json(err.status, err.body())
 
     def _read_json(self) -> object:
-        length = self.headers.get("Content-Length")
-        if length is None:
+        lengths = self.headers.get_all("Content-Length") or []
+        # Until the body's length is known, where this request ends and the next begins is not.
+        closing, self.close_connection = self.close_connection, True
+        if not lengths:
             raise ApiError(411, "a Content-Length header is required")
-        try:
-            n = int(length)
-        except ValueError:
-            raise ApiError(400, "the Content-Length header is not a number") from None
+        length = lengths[0].strip()
+        if len(lengths) > 1 or not (length.isascii() and length.isdigit()):
+            raise ApiError(400, "the request needs one Content-Length header holding a whole number of bytes")
+        n = int(length)
         if n > MAX_BODY:
-            self.close_connection = True
             raise ApiError(413, f"the request body is over {MAX_BODY} bytes")
         raw = self.rfile.read(n)
+        if len(raw) < n:
+            raise ClientGone(f"the request body ended after {len(raw)} of {n} bytes")
+        self.close_connection = closing
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except RecursionError:
+            raise ApiError(400, "the request body is not valid JSON: it is nested too deeply") from None
+        except ValueError as e:  # also bad UTF-8, and numbers too long to convert
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
     # ------------------------------------------------------------------ routes
@@ -152,14 +190,27 @@ class Handler(BaseHTTPRequestHandler):
             return
         chat = path == "/v1/chat/completions"
         try:
-            req, prompt, params = self.app.prepare(self._read_json(), chat)
+            body = self._read_json()
+        except ApiError as e:
+            self._error(e)
+            return
+        try:
+            req, prompt, params = self.app.prepare(body, chat)
             job = self.app.engine.submit(prompt, params)
         except ApiError as e:
             self._error(e)
             return
+        except UserError as e:  # e.g. a history that no trimming fits in the context
+            self._error(ApiError(400, str(e)))
+            return
         except Busy as e:
             self._error(ApiError(503, f"the server is busy ({e}); retry shortly", kind="server_error",
                                  code="overloaded"))
+            return
+        except Exception as e:  # a bug: still answer (and keep serving), with the traceback in the log
+            traceback.print_exc()
+            self._error(ApiError(500, f"the server failed on this request ({type(e).__name__})",
+                                 kind="server_error"))
             return
         try:
             if req.stream:
@@ -219,18 +270,29 @@ class Server(ThreadingHTTPServer):
     # engine queues requests itself, so the listen queue only has to hold a burst of connections.
     request_queue_size = 128
 
-    def __init__(self, address, handler, app: App):
+    def __init__(self, address, handler, app: App, idle_timeout: float = IDLE_TIMEOUT):
         super().__init__(address, handler)
-        self.app = app
+        self.app, self.idle_timeout = app, idle_timeout
+
+
+def check_options(port: int, max_batch: int, idle_timeout: float) -> None:
+    """UserError naming the flag, before a model is loaded for nothing."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"--port must be a port number from 0 to 65535 (0: any free one), got {port}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise UserError(f"--max-batch must be a whole number >= 1, got {max_batch}")
+    if not isinstance(idle_timeout, (int, float)) or not 0 < idle_timeout < float("inf"):
+        raise UserError(f"--idle-timeout must be a number of seconds > 0, got {idle_timeout}")
 
 
 def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                max_batch: int = 8, max_queue: int = 64) -> Server:
+                max_batch: int = 8, max_queue: int = 64, idle_timeout: float = IDLE_TIMEOUT) -> Server:
     """A server bound to (host, port) with its engine started; port 0 picks a free one. Call
     `serve_forever()` (e.g. in a thread), then `shutdown()` and `app.engine.stop()`."""
+    check_options(port, max_batch, idle_timeout)
     app = App(model, tokenizer, model_id, max_batch, max_queue)
     try:
-        server = Server((host, port), Handler, app)
+        server = Server((host, port), Handler, app, idle_timeout)
     except OSError as e:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     app.engine.start()
@@ -238,14 +300,16 @@ def make_server(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: 
 
 
 def serve(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          model_id: str | None = None, max_batch: int = 8, verbose: bool = False) -> None:
+          model_id: str | None = None, max_batch: int = 8, verbose: bool = False,
+          idle_timeout: float = IDLE_TIMEOUT) -> None:
     """Load a checkpoint and serve it until Ctrl-C."""
     from scratchlm.loading import load
     from scratchlm.runtime import pick_device
 
+    check_options(port, max_batch, idle_timeout)
     loaded = load(checkpoint, pick_device(device))
     name = model_id or loaded.checkpoint.parent.parent.name
-    server = make_server(loaded.model, loaded.tokenizer, name, host, port, max_batch)
+    server = make_server(loaded.model, loaded.tokenizer, name, host, port, max_batch, idle_timeout=idle_timeout)
     server.verbose = verbose
     where = f"http://{host if ':' not in host else f'[{host}]'}:{server.server_address[1]}"
     print(f"serving {name} (context {loaded.model.config.context}) at {where}/  (OpenAI API at {where}/v1)",
