@@ -7,6 +7,13 @@ import random
 import pytest
 
 
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """A fresh scratchlm cache for one test, and the Hugging Face Hub off, as on a machine without internet."""
+    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory):
     """A cache directory that lives for the whole session, so the real datasets download once."""

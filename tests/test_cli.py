@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_checks import one_line_error
 
 from scratchlm.cli import main
 
@@ -14,20 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "shakespeare-cpu.toml")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
-def one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code != 0
-    # progress notes may come first; the error is the one last line
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    assert sum(line.startswith("error") for line in err.splitlines()) == 1, err
-    return err.splitlines()[-1]
 
 
 def test_missing_files(capsys, tmp_path):

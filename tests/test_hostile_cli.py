@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from cli_checks import one_line_error
 from tiny_chat import make_run, one_thread
 
 import scratchlm
@@ -21,10 +22,11 @@ from scratchlm.infer.sampling import SamplingParams
 from scratchlm.runtime import pick_device
 
 
+pytestmark = pytest.mark.usefixtures("offline_cache")
+
+
 @pytest.fixture(autouse=True)
-def _quiet(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _one_thread():
     with one_thread():
         yield
 
@@ -40,14 +42,6 @@ def chat_run(tmp_path_factory):
     return str(make_run(tmp_path_factory.mktemp("hostile") / "chat"))
 
 
-def refused(capsys, argv: list[str]) -> str:
-    """Run the command, expect exit code 2 and one error line; return that line."""
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if "error:" in line]
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -60,18 +54,18 @@ def refused(capsys, argv: list[str]) -> str:
     (["--seed", str(2**64)], "seed"),                      # was a traceback: past what torch seeds take
 ])
 def test_generate_refuses_bad_sampling(capsys, base_run, flags, named):
-    assert named in refused(capsys, ["generate", "--checkpoint", base_run, "--prompt", "x", *flags])
+    assert named in one_line_error(capsys, ["generate", "--checkpoint", base_run, "--prompt", "x", *flags])
 
 
 def test_chat_refuses_the_same_values_the_same_way(capsys, chat_run):
     for flags, named in ((["--top-k", "-3"], "top_k"), (["--temperature", "nan"], "temperature")):
-        assert f"sampling parameter {named}" in refused(capsys, ["chat", "--checkpoint", chat_run, *flags])
+        assert f"sampling parameter {named}" in one_line_error(capsys, ["chat", "--checkpoint", chat_run, *flags])
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "eval", "attention"])
 def test_an_unknown_device_is_one_line(capsys, base_run, command):
     prompt = ["--prompt", "x"] if command == "attention" else []
-    err = refused(capsys, [command, "--checkpoint", base_run, "--device", "potato", *prompt])
+    err = one_line_error(capsys, [command, "--checkpoint", base_run, "--device", "potato", *prompt])
     assert "--device 'potato'" in err and "cuda:N" in err
 
 
@@ -89,13 +83,13 @@ def test_device_names():
 
 def test_prompts_that_are_not_text(capsys, base_run):
     # A byte that is not UTF-8 reaches Python as a lone surrogate (argv is decoded with surrogateescape).
-    err = refused(capsys, ["generate", "--checkpoint", base_run, "--prompt", "caf\udce9"])
+    err = one_line_error(capsys, ["generate", "--checkpoint", base_run, "--prompt", "caf\udce9"])
     assert "--prompt: character 4 is not text" in err
-    assert "--prompt" in refused(capsys, ["generate", "--checkpoint", base_run, "--prompt", "\\ud800"])
-    assert "past the last Unicode character" in refused(capsys, ["generate", "--checkpoint", base_run,
+    assert "--prompt" in one_line_error(capsys, ["generate", "--checkpoint", base_run, "--prompt", "\\ud800"])
+    assert "past the last Unicode character" in one_line_error(capsys, ["generate", "--checkpoint", base_run,
                                                                   "--prompt", "\\U00110000"])
-    assert "--system" in refused(capsys, ["chat", "--checkpoint", base_run, "--system", "\udcff"])
-    assert "--prompt" in refused(capsys, ["attention", "--checkpoint", base_run, "--prompt", "a\udcff"])
+    assert "--system" in one_line_error(capsys, ["chat", "--checkpoint", base_run, "--system", "\udcff"])
+    assert "--prompt" in one_line_error(capsys, ["attention", "--checkpoint", base_run, "--prompt", "a\udcff"])
 
 
 def test_non_utf8_argv_from_a_real_process(base_run, tmp_path):
@@ -122,24 +116,24 @@ def test_prompts_are_read_one_way(capsys, base_run, tmp_path):
 def test_rate_prompt_files_that_are_not_text(capsys, base_run, tmp_path):
     bad = tmp_path / "prompts.txt"
     bad.write_bytes(b"ROMEO.\\n\ncaf\xe9\n")
-    assert "prompts.txt: not UTF-8 text" in refused(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(bad)])
+    assert "prompts.txt: not UTF-8 text" in one_line_error(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(bad)])
     lone = tmp_path / "prompts.jsonl"
     lone.write_text('{"prompt": "ok"}\n{"prompt": "\\ud800"}\n')
-    assert "prompts.jsonl:2" in refused(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(lone)])
+    assert "prompts.jsonl:2" in one_line_error(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(lone)])
     good = tmp_path / "good.txt"
     good.write_text("ROMEO.\n")
-    assert "--seed -1" in refused(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(good), "--seed", "-1"])
+    assert "--seed -1" in one_line_error(capsys, ["rate", "--checkpoint", base_run, "--prompts", str(good), "--seed", "-1"])
 
 
 def test_eval_refuses_counts_that_score_nothing(capsys, base_run, play_text, tmp_path):
     # --max-tokens -1 used to print "bits per byte 0.0000 (0 tokens)" and exit 0.
-    err = refused(capsys, ["eval", "--checkpoint", base_run, "--data", str(play_text), "--max-tokens", "-1"])
+    err = one_line_error(capsys, ["eval", "--checkpoint", base_run, "--data", str(play_text), "--max-tokens", "-1"])
     assert "--max-tokens -1" in err
-    assert "--batch 0" in refused(capsys, ["eval", "--checkpoint", base_run, "--data", str(play_text), "--batch", "0"])
+    assert "--batch 0" in one_line_error(capsys, ["eval", "--checkpoint", base_run, "--data", str(play_text), "--batch", "0"])
     task = tmp_path / "qa.jsonl"
     task.write_text('{"question": "Who?", "answer": "Romeo"}\n{"question": "Where?", "answer": "Verona"}\n')
     for flags in (["--batch", "0"], ["--limit", "-1"]):      # a traceback, and one example silently dropped
-        assert flags[0] in refused(capsys, ["eval", "--checkpoint", base_run, "--task", str(task), *flags])
+        assert flags[0] in one_line_error(capsys, ["eval", "--checkpoint", base_run, "--task", str(task), *flags])
     with pytest.raises(SystemExit) as exit_:
         main(["eval", "--checkpoint", base_run, "--context", "256,abc"])
     err = capsys.readouterr().err
@@ -150,7 +144,7 @@ def test_eval_refuses_counts_that_score_nothing(capsys, base_run, play_text, tmp
 
 @pytest.mark.parametrize("minutes", ["-1", "0", "nan", "inf"])
 def test_demo_refuses_a_budget_that_is_not_a_time(capsys, minutes):
-    assert f"--minutes {float(minutes)}" in refused(capsys, ["demo", "--minutes", minutes])
+    assert f"--minutes {float(minutes)}" in one_line_error(capsys, ["demo", "--minutes", minutes])
 
 
 def test_chat_caps_replies_at_the_context_and_says_so(capsys, chat_run, monkeypatch):

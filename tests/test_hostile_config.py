@@ -13,6 +13,7 @@ import typing
 import numpy as np
 import pytest
 import torch
+from cli_checks import one_line_error
 
 from scratchlm.cli import main
 from scratchlm.config import (DataConfig, ModelConfig, RunConfig, SFTConfig, TrainConfig, build_config, load_config,
@@ -26,19 +27,9 @@ FLOAT_FIELDS = {f"{section}.{f.name}" for section, cls in (("train", TrainConfig
                 for f in dataclasses.fields(cls) if typing.get_type_hints(cls)[f.name] is float}
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
-def one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    assert sum(line.startswith("error") for line in err.splitlines()) == 1, err
-    return err.splitlines()[-1]
 
 
 def refused(*overrides: str) -> str:

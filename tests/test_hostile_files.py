@@ -13,6 +13,7 @@ import struct
 import pytest
 import torch
 from tiny_chat import make_run, one_thread
+from cli_checks import one_line_error
 
 import scratchlm
 from scratchlm.cli import main
@@ -27,10 +28,11 @@ from scratchlm.tokenizer import Tokenizer
 VOCAB = 260  # tiny_chat's byte tokenizer without the chat tokens
 
 
+pytestmark = pytest.mark.usefixtures("offline_cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def _one_thread_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with one_thread():
         yield
@@ -51,14 +53,6 @@ def weights_file(run):
     return next(run.glob("checkpoints/step_*/model.safetensors"))
 
 
-def one_line_error(capsys, argv) -> str:
-    code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    return lines[0]
 
 
 def names(folder):

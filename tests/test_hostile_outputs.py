@@ -7,22 +7,14 @@ import os
 import stat
 
 import pytest
+from cli_checks import one_line_error
 
 from scratchlm.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
-def one_line_error(capsys, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and err.splitlines()[-1].startswith("error: "), err
-    return err.splitlines()[-1]
 
 
 @pytest.fixture
