@@ -26,7 +26,7 @@ import pytest
 from tiny_chat import one_thread
 
 from scratchlm.config import load_config, recipe_path
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 PINNED = Path(__file__).parent / "assets" / "losses" / "demo_fp32.txt"
 STEPS = 30   # the recipe's 20 warmup steps and 10 of its cosine decay

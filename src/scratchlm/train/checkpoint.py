@@ -133,4 +133,38 @@ def read_optimizer_state(ckpt_dir: Path, state: dict) -> dict | None:
     for key, value in items:
         name, slot = key.rsplit("/", 1)
         slots.setdefault(name, {})[slot] = value
-    return {"state": slots, "param_groups": meta["param_groups"]}
+    # JSON has no tuples: hyper-parameters such as AdamW's betas come back as lists. Only a group's
+    # parameter list is a list in an optimizer's own state dict.
+    groups = [{k: v if k == "params" else _tuplify(v) for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": slots, "param_groups": groups}
+
+
+def incomplete(ckpt_dir: Path) -> str | None:
+    """Why the checkpoint cannot be resumed from (a file missing, cut short or unreadable), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return "state.json is unreadable"
+    files = ["model.safetensors"] + (["optimizer.safetensors"] if "optimizer" in state else [])
+    for name in files:
+        if not (ckpt_dir / name).is_file():
+            return f"{name} is missing"
+        if not _safetensors_whole(ckpt_dir / name):
+            return f"{name} is truncated"
+    return None
+
+
+def _safetensors_whole(path: Path) -> bool:
+    """Whether the file is as long as its header says: an 8-byte header length, a JSON header naming each
+    tensor's byte range, then the tensors."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n) if 8 + n <= size else b""
+    try:
+        ranges = [entry["data_offsets"] for key, entry in json.loads(header).items() if key != "__metadata__"]
+        end = max((stop for _, stop in ranges), default=0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return 8 + n + end == size

@@ -109,9 +109,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def any_across(flag: bool, d: Dist) -> bool:
-    """True on every process when it is true on any."""
-    value = torch.tensor(float(flag))
-    if d.active:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo, CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def max_across(values: tuple[float, ...], d: Dist) -> tuple[float, ...]:
+    """The largest of each value over all processes (one collective for them all)."""
+    if not d.active:
+        return tuple(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(t.tolist())
