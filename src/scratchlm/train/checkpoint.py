@@ -133,10 +133,7 @@ def read_optimizer_state(ckpt_dir: Path, state: dict) -> dict | None:
     for key, value in items:
         name, slot = key.rsplit("/", 1)
         slots.setdefault(name, {})[slot] = value
-    # JSON has no tuples: hyper-parameters such as AdamW's betas come back as lists. Only a group's
-    # parameter list is a list in an optimizer's own state dict.
-    groups = [{k: v if k == "params" else _tuplify(v) for k, v in g.items()} for g in meta["param_groups"]]
-    return {"state": slots, "param_groups": groups}
+    return {"state": slots, "param_groups": meta["param_groups"]}
 
 
 def incomplete(ckpt_dir: Path) -> str | None:

@@ -94,6 +94,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, _parts(optimizer), state, options=StateDictOptions(full_state_dict=True))
+    # Hyper-parameters come back as lists (AdamW's betas), from JSON and from set_optimizer_state_dict
+    # alike; in an optimizer's own param_groups only "params" is a list.
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
 
 
 def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:
