@@ -166,3 +166,16 @@ def test_unknown_or_missing_logger_is_one_line(play_text, tmp_path):
 
     with pytest.raises(UserError, match="'tensorbored' is not one of tensorboard, wandb"):
         run(play_text, tmp_path / "run", "train.max_steps=1", 'train.log_to=["tensorbored"]')
+
+
+def test_the_engine_imports_no_stage():
+    """train/ is the engine: the stages (pretrain's data and validation, sft, plots) import it, not the
+    reverse. train/pretrain.py is the one stage kept in the package."""
+    from test_imports import import_graph
+
+    graph = import_graph()
+    engine = [m for m in graph if m.startswith("scratchlm.train") and m != "scratchlm.train.pretrain"]
+    assert "scratchlm.train.loop" in engine
+    stages = ("scratchlm.data", "scratchlm.eval", "scratchlm.viz", "scratchlm.sft")
+    assert {m: sorted(i for i in graph[m] if i.startswith(stages)) for m in engine
+            if any(i.startswith(stages) for i in graph[m])} == {}

@@ -125,7 +125,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
     """Train `job.model` under `cfg.train` into `out_dir`, resuming the run there when asked. Returns the
     final validation metrics, or {"interrupted": True, "signal": N, "step": ...} when a signal stopped
     the run (after a checkpoint). The caller holds the run folder's lock (train/lock.py)."""
-    out_dir, tc, d = Path(out_dir), cfg.train, d or dist.Dist()
+    out_dir, tc = Path(out_dir), cfg.train
+    d = d or dist.Dist()
     device = pick_device(tc.device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -155,7 +156,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
 
     bar = tqdm(total=tc.max_steps or None, initial=state["step"], desc="train", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)
-    bad_steps, last, logged_at = 0, None, None
+    bad_steps = 0
     s.wrapped.train()
     with RunLog(out_dir, cfg, state["step"] if resume_from is not None else None, d.main) as log:
         with StopFlag() as stop:
@@ -177,12 +178,12 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
                 state["tokens"] += tokens_per_step
                 state["train_seconds"] += dt
                 throughput.add(tokens_per_step, dt)
-                step, last = state["step"], {"step": state["step"], "loss": loss, "lr": lr, "grad_norm": norm}
+                step = state["step"]
                 bar.total = None if total >= UNSIZED else max(step, round(total))
                 bar.update(1)
 
-                if step % tc.log_every == 0 or budget.done(step, state["train_seconds"]):
-                    logged_at = _log_step(log, bar, last, state, throughput)
+                if step % tc.log_every == 0 or budget.done(step, state["train_seconds"]):   # and the last step
+                    _log_step(log, bar, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}, state, throughput)
                 if tc.eval_every and step % tc.eval_every == 0:
                     row = _evaluate(job, s, step, tc.eval_tokens, d, sample=not (d.active and tc.parallel == "fsdp"))
                     log.write({"step": step, "tokens": state["tokens"], **row})
@@ -199,8 +200,6 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
             if d.main:
                 print(f"stopped at step {state['step']}; checkpoint saved in {out_dir}. Continue with --resume.")
             return {"interrupted": True, "signal": int(stopped), "step": state["step"]}
-        if last is not None and logged_at != last["step"]:   # the last step is always logged
-            _log_step(log, None, last, state, throughput)
         final = job.evaluate(s.wrapped, 0)
         log.write({"step": state["step"], "tokens": state["tokens"], "final": True, **final})
     return {"step": state["step"], "tokens": state["tokens"], "train_seconds": state["train_seconds"], **final}
@@ -246,14 +245,11 @@ def _restore(resume_from: Path, state: dict, s: Stepper, batches, d: dist.Dist) 
     state.update({k: saved[k] for k in state if k in saved})
 
 
-def _log_step(log: RunLog, bar: tqdm | None, last: dict, state: dict, throughput: Throughput) -> int:
-    """Write the metrics row of the step just taken; returns its number."""
+def _log_step(log: RunLog, bar: tqdm, row: dict, state: dict, throughput: Throughput) -> None:
     rate = throughput.read()
-    log.write({**last, "tokens": state["tokens"], **rate, "seconds": state["train_seconds"]})
-    if bar is not None:
-        bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.1e}", tok_s=f"{rate['tokens_per_s']:,.0f}",
-                        **({"mfu": f"{100 * rate['mfu']:.0f}%"} if "mfu" in rate else {}), refresh=False)
-    return last["step"]
+    log.write({"step": row["step"], "tokens": state["tokens"], **row, **rate, "seconds": state["train_seconds"]})
+    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.1e}", tok_s=f"{rate['tokens_per_s']:,.0f}",
+                    **({"mfu": f"{100 * rate['mfu']:.0f}%"} if "mfu" in rate else {}), refresh=False)
 
 
 def _skipped(step: int, loss: float, norm: float, bad_steps: int, out_dir: Path, d: dist.Dist) -> None:
