@@ -113,8 +113,10 @@ def train_step(s: Stepper, batches, d: dist.Dist) -> tuple[float, float, bool]:
         norm = norm.full_tensor()
     loss_value, norm_value = dist.mean_across(loss_sum, d).item(), float(norm)
     ok = math.isfinite(loss_value) and math.isfinite(norm_value)
-    if ok:
-        s.scaler.step(s.optimizer) if s.scaler else s.optimizer.step()
+    if ok and s.scaler:
+        s.scaler.step(s.optimizer)
+    elif ok:
+        s.optimizer.step()
     if s.scaler:
         s.scaler.update()
     s.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +139,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
     s = _stepper(cfg, job.model, device, d)
     state = {"step": 0, "tokens": 0, "train_seconds": 0.0, "best_val_loss": math.inf, "best_step": None}
     if resume_from is not None:
-        _restore(resume_from, state, s, job.batches, d)
+        _restore(resume_from, state, s, job.batches)
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
     tokens_per_step = rows_per_step(tc, cfg.model.context, d.world) * cfg.model.context
@@ -235,7 +237,7 @@ def _stepper(cfg: RunConfig, model: Transformer, device: torch.device, d: dist.D
                    torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None)
 
 
-def _restore(resume_from: Path, state: dict, s: Stepper, batches, d: dist.Dist) -> None:
+def _restore(resume_from: Path, state: dict, s: Stepper, batches) -> None:
     """Optimizer, data position, counters and random generators as the checkpoint left them."""
     saved = ckpt.load_training_state(resume_from)
     optimizer_state = ckpt.read_optimizer_state(resume_from, saved)
