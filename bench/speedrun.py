@@ -4,7 +4,7 @@
     python bench/speedrun.py --set train.lr=4e-3  # any override, as in `scratchlm pretrain`
 
 Tokenizer training and shard encoding happen first and are timed apart: the budget is training steps
-only (the schedule is sized to it; see train/loop.py). The final evaluation reads the whole validation
+only (the schedule is sized to it; see train/budget.py). The final evaluation reads the whole validation
 split. For scale: a well-known minimal character-level GPT reaches about 2.5 bits per byte in 5 minutes
 on the same 2-core machine (figure from the issue, not measured here).
 """
@@ -22,7 +22,7 @@ import torch
 from scratchlm.config import load_config, recipe_path
 from scratchlm.data.prepare import train_tokenizer
 from scratchlm.data.sources import get_dataset
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 PEER_BPB = 2.5  # minimal char-level GPT, 5 minutes, this machine (quoted)
 

@@ -76,7 +76,7 @@ def test_plot_grid_is_written(tmp_path):
 
 @pytest.mark.slow
 def test_attention_command(play_text, tmp_path, monkeypatch, capsys):
-    from scratchlm.train.loop import pretrain
+    from scratchlm.train.pretrain import pretrain
 
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"

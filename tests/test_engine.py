@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from scratchlm.config import load_config, recipe_path
 from scratchlm import rundir
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
@@ -109,8 +109,8 @@ def test_killed_and_resumed_run_repeats_the_uninterrupted_losses_exactly(play_te
     _wait_for_checkpoint(proc, tmp_path / "killed", 6)
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    if sig == signal.SIGTERM:  # a polite stop saves where it is, and says how to go on
-        assert proc.returncode == 0 and "--resume" in out
+    if sig == signal.SIGTERM:  # a polite stop saves where it is, says how to go on, and exits as stopped
+        assert proc.returncode == 128 + signal.SIGTERM and "--resume" in out
         stopped = int(json.loads((rundir.list_checkpoints(tmp_path / "killed")[-1] / "state.json").read_text())["step"])
         assert stopped == max(_losses(tmp_path / "killed"))
     else:
@@ -166,3 +166,16 @@ def test_unknown_or_missing_logger_is_one_line(play_text, tmp_path):
 
     with pytest.raises(UserError, match="'tensorbored' is not one of tensorboard, wandb"):
         run(play_text, tmp_path / "run", "train.max_steps=1", 'train.log_to=["tensorbored"]')
+
+
+def test_the_engine_imports_no_stage():
+    """train/ is the engine: the stages (pretrain's data and validation, sft, plots) import it, not the
+    reverse. train/pretrain.py is the one stage kept in the package."""
+    from test_imports import import_graph
+
+    graph = import_graph()
+    engine = [m for m in graph if m.startswith("scratchlm.train") and m != "scratchlm.train.pretrain"]
+    assert "scratchlm.train.loop" in engine
+    stages = ("scratchlm.data", "scratchlm.eval", "scratchlm.viz", "scratchlm.sft")
+    assert {m: sorted(i for i in graph[m] if i.startswith(stages)) for m in engine
+            if any(i.startswith(stages) for i in graph[m])} == {}

@@ -19,7 +19,7 @@ from scratchlm.errors import UserError
 from scratchlm.eval import tasks
 from scratchlm.eval.metrics import evaluate
 from scratchlm.tokenizer import Tokenizer
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16", "data.vocab_size=280",
         "train.micro_batch=4", "train.eval_every=0", "train.warmup_steps=1", "train.minutes=0", "train.max_steps=2",

@@ -21,7 +21,7 @@ from scratchlm.data.shards import open_split
 from scratchlm.infer.generate import SamplingParams, generate
 from scratchlm.tokenizer import Tokenizer
 from scratchlm import rundir
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
          "train.micro_batch=4", "train.eval_every=4", "train.eval_tokens=256", "train.warmup_steps=2",

@@ -142,7 +142,7 @@ def test_real_samples_are_seeded(play_text, tmp_path, monkeypatch):
     from scratchlm.config import load_config, recipe_path
     from scratchlm.eval.rate import Samples
     from scratchlm.infer.sampling import SamplingParams
-    from scratchlm.train.loop import pretrain
+    from scratchlm.train.pretrain import pretrain
 
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
     before = torch.get_num_threads()

@@ -108,6 +108,17 @@ def test_epochs_set_the_step_count(tmp_path):
         finetune(sft_config(base, [qa], "sft.epochs=1", max_steps=5), tmp_path / "both", progress=False)
 
 
+def test_epochs_count_the_rows_an_accumulated_step_learns_from(tmp_path):
+    # As above, 1.5 packed epochs are 3 rows; batch_tokens of two rows of 47 makes each step accumulate
+    # two micro-batches of one row, so 2 steps (the second one partly into the next epoch), and the loop
+    # counts the tokens of the same two rows per step.
+    base = make_run(tmp_path / "base", chat=True, context=47)
+    qa = write_qa(tmp_path / "qa.json", [(f"Que{i}?", f"Ans{i}.") for i in range(6)])
+    result = finetune(sft_config(base, [qa], "sft.epochs=1.5", micro_batch=1, batch_tokens=2 * 47, log_every=1),
+                      tmp_path / "accumulated", progress=False)
+    assert result["step"] == 2 and result["tokens"] == 2 * 2 * 47
+
+
 def test_an_interrupted_run_resumes_to_the_same_losses_without_its_base(tmp_path):
     base = make_run(tmp_path / "base", chat=False, context=48)
     qa = write_qa(tmp_path / "qa.json", PAIRS)

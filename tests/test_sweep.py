@@ -79,7 +79,7 @@ def test_every_combination_is_checked_before_any_run(play_text, tmp_path):
 def test_rerun_trains_only_unfinished_runs_and_tables_their_metrics(play_text, tmp_path, monkeypatch):
     """The bookkeeping alone, on metrics files written by hand and a stand-in for training."""
     from scratchlm.sweep import runner
-    from scratchlm.train import loop
+    from scratchlm.train import pretrain as stage
 
     out, sets = tmp_path / "sweep", [f"data.dataset={play_text}", *TINY]
     done = [{"step": 10, "tokens": 640, "loss": 3.0, "lr": 1e-3, "seconds": 2.0},
@@ -101,7 +101,7 @@ def test_rerun_trains_only_unfinished_runs_and_tables_their_metrics(play_text, t
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in done))
         return {}
 
-    monkeypatch.setattr(loop, "pretrain", fake_pretrain)
+    monkeypatch.setattr(stage, "pretrain", fake_pretrain)
     monkeypatch.setattr(runner, "_prepare_data", lambda configs: None)
     data = run_sweep(RECIPE, ["model.mlp=gelu,relu,silu"], out, steps=10, sets=sets, progress=False)
     assert trained == [("mlp-relu", "auto", 10), ("mlp-silu", "auto", 10)]
@@ -137,10 +137,10 @@ def test_interrupted_sweep_skips_finished_runs_and_resumes_the_rest(play_text, t
     (run2 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     shutil.rmtree(out / names[2])
 
-    from scratchlm.train import loop
+    from scratchlm.train import pretrain as stage
 
-    trained, real = [], loop.pretrain
-    monkeypatch.setattr(loop, "pretrain", lambda cfg, run_dir, progress=True: trained.append(run_dir.name) or
+    trained, real = [], stage.pretrain
+    monkeypatch.setattr(stage, "pretrain", lambda cfg, run_dir, progress=True: trained.append(run_dir.name) or
                         real(cfg, run_dir, progress))
     capsys.readouterr()
     assert main(argv + ["--context", "16,32"]) == 0

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from scratchlm.config import TrainConfig, build_config
 from scratchlm.data.loader import RandomWindows, SlidingWindowDataset, sequential_windows
-from scratchlm.eval.metrics import evaluate
+from scratchlm.eval.metrics import IGNORE, evaluate, evaluate_batches
 from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SamplingParams, sample_next
 from scratchlm.model.transformer import Transformer
@@ -87,6 +87,29 @@ def test_bits_per_byte_by_hand():
     assert row["val_loss"] == pytest.approx(math.log(16))
     assert row["val_ppl"] == pytest.approx(16)
     assert row["val_bpb"] == pytest.approx(2.0)
+
+
+class Repeater(torch.nn.Module):
+    """Bets on the next token repeating the current one: probability 1/2 for it, 1/6 for each of the
+    other three of four tokens. Records whether it ran in eval mode."""
+
+    def forward(self, idx):
+        self.seen_training = self.training
+        return F.one_hot(idx, 4).float() * math.log(3)
+
+
+def test_masked_targets_are_left_out_of_loss_tokens_and_bytes():
+    token_bytes = torch.tensor([1, 2, 3, 4])
+    x = torch.tensor([[1, 2, 3], [0, 0, 0]])
+    y = torch.tensor([[1, IGNORE, 0], [IGNORE, IGNORE, 0]])   # a repeat (ln 2 nats), a change (ln 6), a repeat
+    model = Repeater().train()
+    row = evaluate_batches(model, [(x, y)], token_bytes)
+    assert row["val_tokens"] == 3 and row["val_bytes"] == 2 + 1 + 1
+    assert row["val_loss"] == pytest.approx((2 * math.log(2) + math.log(6)) / 3)
+    assert row["val_bpb"] == pytest.approx((2 * math.log(2) + math.log(6)) / math.log(2) / 4)
+    assert not model.seen_training and model.training   # scored in eval mode, handed back in training mode
+    # with max_tokens, the batch that reaches it is the last one scored
+    assert evaluate_batches(model, [(x, y)] * 3, token_bytes, max_tokens=4)["val_tokens"] == 6
 
 
 def test_sampling_filters():

@@ -11,12 +11,18 @@ from pathlib import Path
 from scratchlm.errors import UserError
 
 
+def _exit_code(result: dict) -> int:
+    """A run stopped by a signal exits as the shell reports one killed by it (130 for Ctrl-C, 143 for
+    SIGTERM), so that `pretrain && sft` does not go on with a half-trained model."""
+    return 128 + result["signal"] if result.get("interrupted") else 0
+
+
 def cmd_demo(a):
     from scratchlm.demo import run_demo
 
     if not (math.isfinite(a.minutes) and a.minutes > 0):
         raise UserError(f"--minutes {a.minutes}: give a training budget in minutes > 0, e.g. --minutes 5")
-    run_demo(a.minutes, a.out)
+    return _exit_code(run_demo(a.minutes, a.out))
 
 
 def cmd_data_list(a):
@@ -64,7 +70,7 @@ def cmd_tokenizer_encode(a):
 
 def cmd_pretrain(a):
     from scratchlm.config import load_config
-    from scratchlm.train.loop import pretrain
+    from scratchlm.train.pretrain import pretrain
 
     overrides = list(a.set) + (["train.resume=auto"] if a.resume else [])
     cfg = load_config(a.config, overrides)
@@ -73,6 +79,7 @@ def cmd_pretrain(a):
     if "val_bpb" in result:
         print(f"step {result['step']}: val loss {result['val_loss']:.4f}, perplexity {result['val_ppl']:.2f}, "
               f"bits per byte {result['val_bpb']:.4f}; run folder {out}")
+    return _exit_code(result)
 
 
 def cmd_sft(a):
@@ -81,9 +88,11 @@ def cmd_sft(a):
 
     overrides = list(a.set) + (["train.resume=auto"] if a.resume else [])
     out = Path(a.out) if a.out else Path("runs") / f"{Path(a.config).stem}-sft"
-    line = summary(finetune(load_config(a.config, overrides), out), out)
+    result = finetune(load_config(a.config, overrides), out)
+    line = summary(result, out)
     if line:
         print(line)
+    return _exit_code(result)
 
 
 def cmd_generate(a):
@@ -412,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -421,4 +430,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return code or 0

@@ -17,7 +17,7 @@ from scratchlm.infer.generate import generate
 from scratchlm.infer.sampling import SAMPLING
 from scratchlm.loading import load
 from scratchlm.runtime import pick_device
-from scratchlm.train.loop import pretrain
+from scratchlm.train.pretrain import pretrain
 
 PROMPTS = ["ROMEO.\n", "LADY MACBETH.\n", "KING HENRY.\nNow"]
 
@@ -45,6 +45,8 @@ def run_demo(minutes: float = 5.0, out: str | Path | None = None, progress: bool
 
     _say(f"4. pretraining the {cfg.model.preset or 'custom'} model for {minutes:g} minutes")
     result = pretrain(cfg, out, progress)
+    if result.get("interrupted"):
+        return result   # the run said where it stopped and how to go on
 
     _say("5. validation over the whole held-out split")
     print(f"loss {result['val_loss']:.4f} nats/token, perplexity {result['val_ppl']:.2f}, "

@@ -22,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from scratchlm.chat.template import render
 from scratchlm.errors import UserError
+from scratchlm.eval.metrics import IGNORE, evaluate_batches
 from scratchlm.fetch import first_line, import_datasets, parse_hf_spec
 from scratchlm.sft.formats import Record, chats, read_file
 from scratchlm.sft.persona import Persona
 from scratchlm.tokenizer import Tokenizer
 
 NAMED = ("chatterbot", "chitchat")
-IGNORE = -100           # the target value F.cross_entropy leaves out
 MIN_FOR_VAL = 10        # a source smaller than this gives all its records to training
 
 
@@ -373,27 +372,13 @@ def sft_evaluator(examples: Sequence[Example], token_bytes: torch.Tensor, contex
     """`evaluate(model, max_tokens)` for the training loop: loss, perplexity and bits per byte on the
     learned tokens of held-out examples only (the answers), one example per row, in order."""
     rows = [to_row([ex], context, pad_id) for ex in examples]
-    token_bytes = token_bytes.to(device)
 
-    @torch.no_grad()
-    def run(model: torch.nn.Module, max_tokens: int = 0) -> dict:
-        was_training = model.training
-        model.eval()
-        nats, targets, n_bytes = 0.0, 0, 0
+    def batches():
         for i in range(0, len(rows), batch):
-            x = torch.tensor([r[0] for r in rows[i:i + batch]], device=device)
-            y = torch.tensor([r[1] for r in rows[i:i + batch]], device=device)
-            with autocast() if autocast else torch.no_grad():
-                logits = model(x)
-            nats += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE, reduction="sum").item()
-            kept = y[y != IGNORE]
-            targets += kept.numel()
-            n_bytes += int(token_bytes[kept].sum())
-            if max_tokens and targets >= max_tokens:
-                break
-        model.train(was_training)
-        loss = nats / max(1, targets)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700)), "val_bpb": nats / math.log(2) / max(1, n_bytes),
-                "val_tokens": targets, "val_bytes": n_bytes}
+            group = rows[i:i + batch]
+            yield torch.tensor([x for x, _ in group]), torch.tensor([y for _, y in group])
+
+    def run(model: torch.nn.Module, max_tokens: int = 0) -> dict:
+        return evaluate_batches(model, batches(), token_bytes, max_tokens=max_tokens, device=device, autocast=autocast)
 
     return run

@@ -11,6 +11,7 @@ from scratchlm.config import SFTConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.sft.data import SFTBatches, SFTSource, parse_source
 from scratchlm.sft.persona import Persona
+from scratchlm.train.accumulation import rows_per_step
 
 PERSONA_KEYS = ("name", "about", "creator", "extra")
 
@@ -84,7 +85,5 @@ def rows_per_epoch(batches: SFTBatches) -> int:
 
 
 def steps_for_epochs(epochs: float, batches: SFTBatches, train: TrainConfig, world: int = 1) -> int:
-    """Optimizer steps for `epochs` passes, with gradient accumulation counted as the loop counts it."""
-    rows_per_step = train.micro_batch * world
-    accum = max(1, train.batch_tokens // (rows_per_step * batches.context)) if train.batch_tokens else 1
-    return max(1, math.ceil(epochs * rows_per_epoch(batches) / (rows_per_step * accum)))
+    """Optimizer steps for `epochs` passes, each step learning from the rows the loop gives it."""
+    return max(1, math.ceil(epochs * rows_per_epoch(batches) / rows_per_step(train, batches.context, world)))

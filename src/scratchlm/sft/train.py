@@ -9,6 +9,7 @@ are answered greedily and scored (see heldout.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import tempfile
@@ -25,9 +26,10 @@ from scratchlm.sft.data import prepare_sft, sft_evaluator
 from scratchlm.sft.settings import load_persona, mixture, steps_for_epochs
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.rundir import list_checkpoints
-from scratchlm.train import distributed as dist
 from scratchlm.runtime import autocast_for, pick_device
-from scratchlm.train.loop import Job, fit
+from scratchlm.train import distributed as dist
+from scratchlm.train.lock import RunLock
+from scratchlm.train.loop import TrainJob, fit
 
 
 def stage_config(cfg: RunConfig) -> RunConfig:
@@ -64,62 +66,74 @@ def finetune(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict
     """Fine-tune `sft.init` on the `[sft]` mixture into `out_dir` (or resume the run there) and return
     the final metrics: validation loss on the held-out answers and, from greedy answers to the held-out
     conversations, exact match, F1 and ROUGE-L (percentages). Under torchrun, processes other than
-    rank 0 return {}."""
+    rank 0 return {}. A run stopped by a signal returns {"interrupted": True, "signal": N, "step": ...}."""
     cfg, out_dir = stage_config(cfg), Path(out_dir)
-    tc = cfg.train
-    device = pick_device(tc.device, "train.device")
+    device = pick_device(cfg.train.device, "train.device")
     d = dist.init_distributed(device.type)
-    with tempfile.TemporaryDirectory(prefix="scratchlm-sft-") as scratch:
+    with RunLock(out_dir) if d.main else contextlib.nullcontext():
         try:
-            model, tokenizer, resuming = _base_model(cfg, out_dir, d.main)
-            cfg.model = model.config
-            persona = load_persona(cfg.sft)
-            sources = mixture(cfg.sft, persona)
-            context = cfg.model.context
-            # One process downloads the named datasets into the cache; the others then read them there.
-            if not d.main:
-                dist.barrier(d)
-            data = prepare_sft(tokenizer, sources, context=context, batch=tc.micro_batch, seed=tc.seed,
-                               persona=persona, val_fraction=cfg.sft.val_fraction, pack=cfg.sft.pack, device=device,
-                               drop_repeats=cfg.sft.drop_repeats,
-                               rank=d.rank, world=d.world, progress=progress and d.main)
-            if d.main:
-                dist.barrier(d)
-                _describe(data)
-            if cfg.sft.epochs:
-                if cfg.sft.train.get("max_steps"):
-                    raise UserError("set sft.epochs or sft.train.max_steps, not both")
-                tc.max_steps = steps_for_epochs(cfg.sft.epochs, data.batches, tc, d.world)
-            if not data.val:
-                tc.eval_every = 0   # nothing held out: fit's periodic evaluation would have nothing to score
-                if d.main:
-                    print("no held-out examples (every source is too small to split): validation is off")
-            pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-            scorer = sft_evaluator(data.val, torch.tensor(tokenizer.token_byte_lengths()), context, tc.micro_batch,
-                                   pad, device, autocast_for(device, tc.precision))
-
-            def evaluate(m: torch.nn.Module, max_tokens: int) -> dict:
-                return scorer(m, max_tokens) if data.val else {}
-
-            tokenizer_dir = out_dir / "tokenizer"
-            if not resuming:
-                tokenizer_dir = Path(scratch) / "tokenizer"
-                tokenizer.save(tokenizer_dir)
-            job = Job(model, tokenizer, tokenizer_dir, data.batches, evaluate,
-                      _sample_prompt(tokenizer, data.val_chats, context))
-            result = fit(cfg, out_dir, job, progress, d)
+            result, held_out = _train(cfg, out_dir, device, progress, d)
         finally:
             dist.close_distributed()
-    if not d.main:
-        return {}   # rank 0 alone scores the answers and reports
-    if not result.get("interrupted") and cfg.sft.eval_examples and data.val_chats:
-        from scratchlm.loading import load
+        if not d.main:
+            return {}   # rank 0 alone scores the answers and reports
+        if result.get("interrupted"):
+            return result
+        from scratchlm.viz.plots import plot_runs
 
-        scores, details = heldout.score_held_out(load(out_dir, device), data.val_chats, cfg.sft.eval_examples,
-                                                 cfg.sft.eval_max_new_tokens, tc.micro_batch)
-        heldout.record(out_dir, scores, details)
-        result.update(scores)
-    return result
+        plot_runs([out_dir], out_dir / "loss.png")
+        if cfg.sft.eval_examples and held_out:
+            from scratchlm.loading import load
+
+            scores, details = heldout.score_held_out(load(out_dir, device), held_out, cfg.sft.eval_examples,
+                                                     cfg.sft.eval_max_new_tokens, cfg.train.micro_batch)
+            heldout.record(out_dir, scores, details)
+            result.update(scores)
+        return result
+
+
+def _train(cfg: RunConfig, out_dir: Path, device: torch.device, progress: bool,
+           d: dist.Dist) -> tuple[dict, list[list[dict]]]:
+    """`fit` on the `[sft]` mixture: its result, and the held-out conversations."""
+    tc = cfg.train
+    with tempfile.TemporaryDirectory(prefix="scratchlm-sft-") as scratch:
+        model, tokenizer, resuming = _base_model(cfg, out_dir, d.main)
+        cfg.model = model.config
+        persona = load_persona(cfg.sft)
+        sources = mixture(cfg.sft, persona)
+        context = cfg.model.context
+        # One process downloads the named datasets into the cache; the others then read them there.
+        if not d.main:
+            dist.barrier(d)
+        data = prepare_sft(tokenizer, sources, context=context, batch=tc.micro_batch, seed=tc.seed,
+                           persona=persona, val_fraction=cfg.sft.val_fraction, pack=cfg.sft.pack, device=device,
+                           drop_repeats=cfg.sft.drop_repeats,
+                           rank=d.rank, world=d.world, progress=progress and d.main)
+        if d.main:
+            dist.barrier(d)
+            _describe(data)
+        if cfg.sft.epochs:
+            if cfg.sft.train.get("max_steps"):
+                raise UserError("set sft.epochs or sft.train.max_steps, not both")
+            tc.max_steps = steps_for_epochs(cfg.sft.epochs, data.batches, tc, d.world)
+        if not data.val:
+            tc.eval_every = 0   # nothing held out: fit's periodic evaluation would have nothing to score
+            if d.main:
+                print("no held-out examples (every source is too small to split): validation is off")
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+        scorer = sft_evaluator(data.val, torch.tensor(tokenizer.token_byte_lengths()), context, tc.micro_batch,
+                               pad, device, autocast_for(device, tc.precision))
+
+        def evaluate(m: torch.nn.Module, max_tokens: int) -> dict:
+            return scorer(m, max_tokens) if data.val else {}
+
+        tokenizer_dir = out_dir / "tokenizer"
+        if not resuming:
+            tokenizer_dir = Path(scratch) / "tokenizer"
+            tokenizer.save(tokenizer_dir)
+        job = TrainJob(model, tokenizer, tokenizer_dir, data.batches, evaluate,
+                       _sample_prompt(tokenizer, data.val_chats, context))
+        return fit(cfg, out_dir, job, progress, d), data.val_chats
 
 
 def _sample_prompt(tokenizer: Tokenizer, conversations: list[list[dict]], context: int) -> list[int] | None:

@@ -143,7 +143,7 @@ def run_sweep(config: str | Path, grid_specs: list[str], out: str | Path, *, min
     finished = False
     try:
         if jobs == 1:
-            from scratchlm.train.loop import pretrain
+            from scratchlm.train.pretrain import pretrain
 
             for i, c in enumerate(todo, 1):
                 print(f"[sweep] run {i} of {len(todo)}: {c.name}", flush=True)

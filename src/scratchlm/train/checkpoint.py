@@ -25,7 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from scratchlm.errors import UserError
 from scratchlm.files import fsync_dir
+from scratchlm.loading import safetensors_shapes
 from scratchlm.rundir import list_checkpoints
 
 def rng_state() -> dict:
@@ -134,3 +136,21 @@ def read_optimizer_state(ckpt_dir: Path, state: dict) -> dict | None:
         name, slot = key.rsplit("/", 1)
         slots.setdefault(name, {})[slot] = value
     return {"state": slots, "param_groups": meta["param_groups"]}
+
+
+def incomplete(ckpt_dir: Path) -> str | None:
+    """Why the checkpoint cannot be resumed from (a file missing, cut short or unreadable), or None."""
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+    except (OSError, ValueError):
+        return "state.json is unreadable"
+    files = ["model.safetensors"] + (["optimizer.safetensors"] if "optimizer" in state else [])
+    for name in files:
+        if not (ckpt_dir / name).is_file():
+            return f"{name} is missing"
+        try:
+            safetensors_shapes(ckpt_dir / name)  # the header against the file's size, nothing loaded
+        except UserError:
+            return f"{name} is truncated or damaged"
+    return None

@@ -94,6 +94,12 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
     set_optimizer_state_dict(model, _parts(optimizer), state, options=StateDictOptions(full_state_dict=True))
+    # Hyper-parameters come back as lists (AdamW's betas), from JSON and from set_optimizer_state_dict
+    # alike; in an optimizer's own param_groups only "params" is a list.
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
 
 
 def mean_across(value: torch.Tensor, d: Dist) -> torch.Tensor:
@@ -109,9 +115,15 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
-def any_across(flag: bool, d: Dist) -> bool:
-    """True on every process when it is true on any."""
-    value = torch.tensor(float(flag))
-    if d.active:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors only; gloo, CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def max_across(values: tuple[float, ...], d: Dist) -> tuple[float, ...]:
+    """The largest of each value over all processes (one collective for them all)."""
+    if not d.active:
+        return tuple(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(t.tolist())

@@ -58,3 +58,23 @@ def peak_flops(device: torch.device, dtype: torch.dtype = torch.float32) -> floa
             if key in name:
                 return peak
     return None
+
+
+class Throughput:
+    """Tokens per second, and MFU where the device's peak is known, over the steps since the last reading."""
+
+    def __init__(self, flops_per_token: float, peak: float | None, world: int = 1):
+        self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def read(self) -> dict:
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.tokens, self.seconds = 0, 0.0
+        row = {"tokens_per_s": rate}
+        if self.peak:
+            row["mfu"] = self.flops_per_token * rate / self.world / self.peak
+        return row
