@@ -6,6 +6,21 @@ import random
 
 import pytest
 
+# The recipe overrides for a training run that takes seconds on a CPU: a two-layer 32-wide model on a
+# 300-token vocabulary, float32 so that numbers compare on any CPU, the step budget left to each test.
+TINY_RUN = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
+            "data.vocab_size=300", "train.micro_batch=4", "train.warmup_steps=2", "train.minutes=0",
+            "train.log_every=1", "train.lr=1e-2"]
+# Smaller still, for tests that train several runs and keep the recipe's precision and learning rate:
+# one 16-wide layer, a 280-token vocabulary.
+TINIER = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16", "data.vocab_size=280",
+          "train.micro_batch=4", "train.warmup_steps=1", "train.log_every=1"]
+
+
+def tiny_run(*overrides: str) -> list[str]:
+    """`--set` overrides for a tiny run of a recipe; later overrides win over earlier ones."""
+    return [*TINY_RUN, *overrides]
+
 
 @pytest.fixture
 def offline_cache(tmp_path, monkeypatch):

@@ -11,14 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "shakespeare-cpu.toml"
-SETTINGS = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
-            "data.vocab_size=300",
-            "train.eval_every=4", "train.eval_tokens=512", "train.warmup_steps=2", "train.minutes=0",
-            "train.log_every=1", "train.lr=1e-2", "train.checkpoint_every=4", "train.keep_checkpoints=5",
-            "train.threads=1", "train.optimizer=adamw"]  # the recipe's Muon does not run under FSDP
+SETTINGS = tiny_run("train.eval_every=4", "train.eval_tokens=512", "train.checkpoint_every=4", "train.keep_checkpoints=5",
+                    "train.threads=1", "train.optimizer=adamw")  # the recipe's Muon does not run under FSDP
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="this PyTorch build has no gloo backend")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from conftest import TINIER
 
 import scratchlm
 from scratchlm.cli import main
@@ -21,9 +22,7 @@ from scratchlm.eval.metrics import evaluate
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train.pretrain import pretrain
 
-TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16", "data.vocab_size=280",
-        "train.micro_batch=4", "train.eval_every=0", "train.warmup_steps=1", "train.minutes=0", "train.max_steps=2",
-        "train.log_every=1"]
+TINY = [*TINIER, "train.eval_every=0", "train.minutes=0", "train.max_steps=2"]
 
 
 @pytest.fixture(autouse=True, scope="module")

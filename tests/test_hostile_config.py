@@ -241,6 +241,19 @@ def test_training_with_triton_where_it_cannot_run_is_one_line(monkeypatch):
     flash_triton.require_usable(build_config({}).model, "cpu")  # sdpa: nothing to require
 
 
+def test_pretraining_with_triton_where_it_cannot_run_stops_before_preparing_data(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the kernel would run")
+    missing = tmp_path / "no-such-corpus.txt"  # were the data prepared first, this would be the error
+    from scratchlm.config import recipe_path
+
+    recipe = str(recipe_path("shakespeare-cpu.toml"))
+    err = one_line_error(capsys, ["pretrain", "--config", recipe, "--out", str(tmp_path / "run"),
+                                  "--set", "model.attention=triton", "--set", f"data.dataset={missing}"])
+    assert "model.attention = 'triton'" in err and "CUDA" in err
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- query/key norm
 def test_qk_norm_follows_norm_eps_like_qwen3():
     """Qwen3 and OLMo-2 normalise queries and keys with the model's rms_norm_eps; so must we."""

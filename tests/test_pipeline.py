@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from conftest import tiny_run
 
 import scratchlm
 from scratchlm.config import load_config, recipe_path
@@ -23,9 +24,7 @@ from scratchlm.tokenizer import Tokenizer
 from scratchlm import rundir
 from scratchlm.train.pretrain import pretrain
 
-SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32", "data.vocab_size=300",
-         "train.micro_batch=4", "train.eval_every=4", "train.eval_tokens=256", "train.warmup_steps=2",
-         "train.minutes=0", "train.log_every=1", "train.lr=1e-2"]
+SMALL = tiny_run("train.eval_every=4", "train.eval_tokens=256")
 
 
 @pytest.fixture(autouse=True)

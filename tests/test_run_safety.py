@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_chat import byte_tokenizer, one_thread, tiny_model
+from conftest import tiny_run
 
 from scratchlm import rundir
 from scratchlm.cli import main
@@ -32,9 +33,7 @@ from scratchlm.train.pretrain import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "shakespeare-cpu.toml"
-SMALL = ["train.precision=fp32", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.context=32",
-         "data.vocab_size=300", "train.micro_batch=4", "train.eval_every=0", "train.warmup_steps=2", "train.minutes=0",
-         "train.log_every=1", "train.lr=1e-2", "train.optimizer=adamw", "train.threads=1"]
+SMALL = tiny_run("train.eval_every=0", "train.optimizer=adamw", "train.threads=1")
 
 
 @pytest.fixture(autouse=True)

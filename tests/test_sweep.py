@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import TINIER
 
 from scratchlm.cli import main
 from scratchlm.config import load_config, recipe_path
@@ -15,9 +16,8 @@ from scratchlm.sweep import combinations, parse_grid, run_sweep
 from scratchlm import rundir
 
 RECIPE = str(recipe_path("shakespeare-cpu.toml"))
-TINY = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.context=16", "data.vocab_size=280",
-        "train.micro_batch=4", "train.eval_every=3", "train.eval_tokens=128", "train.warmup_steps=1",
-        "train.log_every=1", "train.checkpoint_every=2", "train.keep_checkpoints=5", "train.keep_best=false"]
+TINY = [*TINIER, "train.eval_every=3", "train.eval_tokens=128", "train.checkpoint_every=2", "train.keep_checkpoints=5",
+        "train.keep_best=false"]
 
 
 @pytest.fixture(autouse=True)

@@ -123,16 +123,23 @@ def train_step(s: Stepper, batches, d: dist.Dist) -> tuple[float, float, bool]:
     return loss_value, norm_value, ok
 
 
+def require_kernel(cfg: RunConfig, device: torch.device) -> None:
+    """Refuse, before anything is prepared, a run that asks for the Triton kernel where it cannot run.
+    (Inference falls back to SDPA instead; training asked for the kernel, so it must have it.)"""
+    if cfg.model.attention == "triton":  # the module imports triton: only when asked for
+        from scratchlm.model.flash_triton import require_usable
+
+        require_usable(cfg.model, device)
+
+
 def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = True, d: dist.Dist | None = None) -> dict:
     """Train `job.model` under `cfg.train` into `out_dir`, resuming the run there when asked. Returns the
     final validation metrics, or {"interrupted": True, "signal": N, "step": ...} when a signal stopped
     the run (after a checkpoint). The caller holds the run folder's lock (train/lock.py)."""
     out_dir, tc = Path(out_dir), cfg.train
     d = d or dist.Dist()
-    device = pick_device(tc.device)
-    if cfg.model.attention == "triton":  # inference falls back to SDPA; training asked for the kernel: it must run
-        from scratchlm.model.flash_triton import require_usable
-        require_usable(cfg.model, device)
+    device = pick_device(tc.device, "train.device")
+    require_kernel(cfg, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     budget = Budget(tc.minutes * 60, tc.max_steps)
@@ -270,10 +277,11 @@ def _evaluate(job: TrainJob, s: Stepper, step: int, max_tokens: int, d: dist.Dis
     generate on one process alone), said on the console."""
     row = job.evaluate(s.wrapped, max_tokens)
     if d.main and job.sample_prompt and sample:
-        from scratchlm.infer.generate import SamplingParams, generate
+        from scratchlm.infer.generate import generate
+        from scratchlm.infer.sampling import SAMPLING
 
         with eval_mode(s.model):
-            ids = generate(s.model, job.sample_prompt, SamplingParams(max_new_tokens=48, temperature=0.8, top_k=50, seed=0))
+            ids = generate(s.model, job.sample_prompt, SAMPLING["train_sample"])
         row["sample"] = job.tokenizer.decode(job.sample_prompt + ids)
     if d.main:
         tqdm.write(f"step {step}: val loss {row['val_loss']:.4f}, val bpb {row['val_bpb']:.4f}")

@@ -21,14 +21,15 @@ from scratchlm.runtime import autocast_for, pick_device
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import distributed as dist
 from scratchlm.train.lock import RunLock
-from scratchlm.train.loop import TrainJob, fit
+from scratchlm.train.loop import TrainJob, fit, require_kernel
 
 
 def pretrain(cfg: RunConfig, out_dir: str | Path, progress: bool = True) -> dict:
     """Train from scratch (or resume) on the `[data]` corpus and return the final validation metrics
     (or, when a signal stopped the run, {"interrupted": True, "signal": N, "step": ...})."""
     out_dir = Path(out_dir)
-    device = pick_device(cfg.train.device)
+    device = pick_device(cfg.train.device, "train.device")
+    require_kernel(cfg, device)
     d = dist.init_distributed(device.type)
     try:
         with RunLock(out_dir) if d.main else contextlib.nullcontext():
