@@ -1,7 +1,7 @@
 """Every GPU check of scratchlm in one command: each under its own time limit, the results in gpu_check.json
 and gpu_check.md, the table printed at the end.
 
-    python bench/gpu_check.py --data shakespeare.txt --out gpu-check          # one CUDA GPU, at most 8 minutes
+    python bench/gpu_check.py --data shakespeare.txt --out runs/gpu-check     # one CUDA GPU, at most 8 minutes
     python bench/gpu_check.py --device cpu --tiny --data corpus.txt --out /tmp/x   # the same sequence on CPU
 
 The checks, in order (`--only NAME ...` runs some of them):
@@ -31,6 +31,7 @@ numbers mean nothing, and the targets, judged all the same, are not expected to 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -63,7 +64,8 @@ KNOWN_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100
 
 # --tiny: the same recipes, narrowed until a few steps take seconds on a CPU.
 TINY_MODEL = ["model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.context=32", "model.d_ff=128"]
-TINY_TRAIN = TINY_MODEL + ["data.vocab_size=512", "train.device=cpu", "train.micro_batch=4", "train.batch_tokens=0",
+# (Micro-batches of 16: the final evaluation reads the whole validation split in batches of that size.)
+TINY_TRAIN = TINY_MODEL + ["data.vocab_size=512", "train.device=cpu", "train.micro_batch=16", "train.batch_tokens=0",
                            "train.max_steps=8", "train.minutes=0", "train.warmup_steps=2", "train.lr=3e-3",
                            "train.log_every=1", "train.compile=false"]
 TINY_QT1B = TINY_MODEL + ["model.n_kv_heads=2", "model.vocab_size=512", "train.micro_batch=4"]
@@ -108,14 +110,14 @@ class Context:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
         return env
 
-    def run(self, cmd: list[str], log: str, check: bool = True, env: dict | None = None) -> tuple[int, str, str]:
+    def run(self, cmd: list[str], log: str, check: bool = True) -> tuple[int, str, str]:
         """Run `cmd` from the repository root until it ends or the check's deadline; its output goes to
         logs/`log`.log. A non-zero exit raises Failed (unless `check` is off), the deadline TimedOut."""
         left = self.deadline - time.monotonic()
         if left <= 1:
             raise TimedOut([])
         # Its own process group, so that a timeout also ends what it started (compile workers, servers).
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, errors="replace", start_new_session=True)
         try:
             out, err = proc.communicate(timeout=left)
@@ -132,7 +134,7 @@ class Context:
             raise TimedOut(tail_lines(err or out))
         if check and proc.returncode:
             tail = tail_lines(err or out)
-            raise Failed(f"exit {proc.returncode}: {tail[-1] if tail else 'no output'}", tail)
+            raise Failed(f"exit {proc.returncode}: {' / '.join(tail[-3:]) or 'no output'}", tail)
         return proc.returncode, out, err
 
     def peak_flops(self) -> tuple[str, float]:
@@ -165,6 +167,8 @@ class Context:
 # ----------------------------------------------------------------------------- the checks
 def check_pytest(ctx: Context) -> Outcome:
     report = ctx.out / "pytest-gpu.xml"
+    if report.exists():
+        report.unlink()  # a report left by an earlier run must not stand in for this one
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
            f"--junitxml={report}", str(ROOT / "tests")]
     code, out, err = ctx.run(cmd, "pytest-gpu", check=False)
@@ -178,7 +182,7 @@ def check_pytest(ctx: Context) -> Outcome:
         counts["errors"] += int(suite.get("errors", 0))
         counts["skipped"] += int(suite.get("skipped", 0))
         counts["passed"] += int(suite.get("tests", 0)) - sum(int(suite.get(k, 0)) for k in ("failures", "errors", "skipped"))
-        failing += [f"{case.get('name')}" for case in suite.iter("testcase")
+        failing += [case.get("name") for case in suite.iter("testcase")
                     if case.find("failure") is not None or case.find("error") is not None]
     if code not in (0, 1):  # 1: some failed (counted above); anything else: pytest itself did not run
         raise Failed(f"pytest exit {code}: {(tail_lines(out) or ['no output'])[-1]}", tail_lines(err or out))
@@ -458,8 +462,8 @@ def machine(device: str) -> dict:
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count()}
     for package in ("triton", "transformers"):
         try:
-            info[package] = __import__(package).__version__
-        except ImportError:
+            info[package] = importlib.metadata.version(package)  # without importing it, which takes seconds
+        except importlib.metadata.PackageNotFoundError:
             info[package] = None
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
@@ -541,7 +545,7 @@ def run_check(check: Check, ctx: Context, budget_end: float) -> dict:
         row.update(status="skipped", error=str(e))
     except TimedOut as e:
         row.update(status="timeout", error=f"killed after {min(limit, left):.0f} s" + (
-            f"; last output: {e.tail[-1]}" if e.tail else ""), stderr_tail=e.tail)
+            f"; last output: {' / '.join(e.tail[-3:])}" if e.tail else ""), stderr_tail=e.tail)
     except Failed as e:
         row.update(status="failed", error=str(e), stderr_tail=e.tail)
     except Exception as e:  # noqa: BLE001 - a bug in one check's reading of its results must not stop the others
@@ -556,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--tiny", action="store_true", help="toy sizes, minutes of CPU: the code path, not the numbers")
     p.add_argument("--data", help="text file or folder that every training check trains on (default: the recipes' own)")
-    p.add_argument("--out", default="gpu-check", help="folder for gpu_check.json, gpu_check.md, logs/ and runs/")
+    p.add_argument("--out", default="runs/gpu-check", help="folder for gpu_check.json, gpu_check.md, logs/ and runs/")
     p.add_argument("--only", nargs="+", choices=[c.name for c in CHECKS], help="run only these checks")
     p.add_argument("--budget", type=float, default=480.0, help="seconds after which no further check starts")
     p.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
