@@ -31,7 +31,8 @@ def test_schedules_by_hand():
 
 
 def test_weight_decay_only_on_matrices():
-    model = Transformer(build_config({"model": {"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2, "bias": True}}).model)
+    shape = {"vocab_size": 50, "d_model": 32, "n_layers": 1, "n_heads": 2, "bias": True}
+    model = Transformer(build_config({"model": shape}).model)
     opt = build_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and all(p.dim() == 2 for p in decayed["params"])
