@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from scratchlm.runtime import usable_cpus
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "experiments.md"
 RECIPE = "recipes/shakespeare-cpu.toml"
@@ -150,7 +152,7 @@ def fill(out_root: Path, budget: list[str], ngram: dict) -> None:
             raise SystemExit(f"{DOC} lacks the markers <!-- results:{key} --> ... <!-- /results:{key} -->")
         doc = pattern.sub(lambda m: m.group(1) + body.rstrip() + "\n" + m.group(2), doc)
 
-    stamp = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {_cores()} cores, "
+    stamp = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {usable_cpus()} cores, "
              f"`{' '.join(budget)}` per run, by `python bench/experiments.py {' '.join(budget)}`.")
     replace("machine", stamp)
     for name in ABLATIONS:
@@ -179,12 +181,6 @@ def fill(out_root: Path, budget: list[str], ngram: dict) -> None:
         replace("ngram", "(not run yet)")
     DOC.write_text(doc)
     print(f"wrote {DOC}")
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main() -> None:

@@ -94,17 +94,20 @@ def test_task_files_are_read_and_mistakes_name_the_line(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text(json.dumps({"question": "Who?", "answers": ["Romeo", "him"]}) + "\n\n"
                     + json.dumps({"instruction": "Say", "input": "x", "output": "y"}) + "\n"
-                    + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+                    + json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "yo"}]}) + "\n")
     items = tasks.read_task(path)
     assert [e.line for e in items] == [1, 3, 4]
     assert items[0].references == ["Romeo", "him"] and items[0].text == "Question: Who?\nAnswer:"
     assert items[1].text == "Instruction: Say\nInput: x\nResponse:" and items[2].references == ["yo"]
-    for record, expected in [({"question": "q"}, "no reference answer"), ({"question": 3, "answer": "a"}, "'question'"),
+    for record, expected in [({"question": "q"}, "no reference answer"),
+                             ({"question": 3, "answer": "a"}, "'question'"),
                              ({"choices": ["a", "b"], "answer": 2}, "'answer'"), ({"text": "x"}, "no prompt")]:
         path.write_text(json.dumps({"question": "ok", "answer": "a"}) + "\n" + json.dumps(record) + "\n")
         with pytest.raises(UserError, match=f"qa.jsonl:2: .*{expected}"):
             tasks.read_task(path)
-    path.write_text(json.dumps({"question": "ok", "answer": "a"}) + "\n" + json.dumps({"choices": ["a", "b"], "answer": 0}) + "\n")
+    mixed = [{"question": "ok", "answer": "a"}, {"choices": ["a", "b"], "answer": 0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in mixed))
     with pytest.raises(UserError, match="qa.jsonl:2: a multiple-choice example in a file of generation"):
         tasks.read_task(path)
     path.write_text("{not json\n")

@@ -2,14 +2,19 @@
 and output files from other runs read back (plot). Each hostile input is built here."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 from cli_checks import one_line_error
+from tiny_chat import make_run
 
 from scratchlm.cli import main
+
+RECIPE = str(Path(__file__).resolve().parents[1] / "recipes" / "shakespeare-cpu.toml")
 
 
 pytestmark = pytest.mark.usefixtures("offline_cache")
@@ -77,3 +82,42 @@ def test_data_get_out_keeps_what_else_is_in_the_folder(tmp_path, corpus):
     assert main(["data", "get", str(corpus), "--out", str(out)]) == 0
     assert (out / "notes.txt").read_text() == "mine\n"
     assert (out / "train.txt").stat().st_size + (out / "val.txt").stat().st_size == corpus.stat().st_size
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("outputs") / "run", chat=False)
+
+
+@pytest.fixture
+def in_the_way(tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder\n")
+    return blocker
+
+
+@pytest.mark.parametrize("argv", [
+    lambda run, out, tmp: ["attention", "--checkpoint", run, "--prompt", "ab", "--out", out / "map.png"],
+    lambda run, out, tmp: ["plot", run, "--out", out / "runs.png"],
+    lambda run, out, tmp: ["eval", "--checkpoint", run, "--task", tmp / "task.jsonl", "--out", out / "details.jsonl"],
+    lambda run, out, tmp: ["rate", "--checkpoint", run, "--checkpoint", make_run(tmp / "other", chat=False),
+                           "--prompts", tmp / "prompts.txt",
+                           "--out", out / "ratings.csv"],
+    lambda run, out, tmp: ["sweep", "--config", RECIPE, "--grid", "model.position=rope,alibi", "--steps", "1",
+                           "--out", out / "sweep"],
+], ids=["attention", "plot", "eval-task", "rate", "sweep"])
+def test_outputs_under_a_file_are_one_line(run, in_the_way, tmp_path, capsys, monkeypatch, argv):
+    (tmp_path / "task.jsonl").write_text(json.dumps({"question": "a", "answer": "b"}) + "\n")
+    (tmp_path / "prompts.txt").write_text("ab\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "tokens": 8, "loss": 3.0, "lr": 0.1}) + "\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("q\n"))
+    err = one_line_error(capsys, argv(run, in_the_way, tmp_path))
+    assert str(in_the_way) in err and "is a file" in err
+    assert in_the_way.read_text() == "not a folder\n"
+
+
+def test_an_output_file_that_is_a_folder_is_one_line(run, tmp_path, capsys):
+    folder = tmp_path / "map.png"
+    folder.mkdir()
+    err = one_line_error(capsys, ["attention", "--checkpoint", run, "--prompt", "ab", "--out", folder])
+    assert "is a folder" in err

@@ -149,7 +149,7 @@ def test_a_signal_checkpoints_exits_as_interrupted_and_resume_goes_on(play_text,
 # c. a checkpoint cut short: resume from the newest whole one, and say so
 
 @pytest.mark.parametrize("damage", ["truncate model.safetensors", "truncate optimizer.safetensors",
-                                    "delete optimizer.safetensors"])
+                                    "delete optimizer.safetensors", "delete model.safetensors", "garble state.json"])
 def test_resume_skips_a_checkpoint_cut_short(play_text, tmp_path, capsys, damage):
     settings = ["train.max_steps=8", "train.checkpoint_every=3", "train.keep_checkpoints=5"]
     straight, run = tmp_path / "straight", tmp_path / "run"
@@ -162,6 +162,8 @@ def test_resume_skips_a_checkpoint_cut_short(play_text, tmp_path, capsys, damage
     if action == "truncate":
         with open(damaged, "r+b") as f:
             f.truncate(damaged.stat().st_size // 2)
+    elif action == "garble":
+        damaged.write_bytes(b'{"step": 6, "rng": [')
     else:
         damaged.unlink()
     capsys.readouterr()
@@ -171,6 +173,30 @@ def test_resume_skips_a_checkpoint_cut_short(play_text, tmp_path, capsys, damage
     assert len(notes) == 1 and "step_00000003" in notes[0] and "step_00000006" in notes[0] and name in notes[0]
     assert "from step 3" in out and result["step"] == 8
     assert losses(run) == losses(straight)   # steps 4-6 trained again, as they were the first time
+
+
+def test_resume_drops_a_metrics_line_cut_short_and_refuses_a_garbled_one(play_text, tmp_path, capsys):
+    settings = ["train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=5"]
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    pretrain(config(play_text, *settings), straight, progress=False)
+    shutil.copytree(straight, run)
+    shutil.rmtree(rundir.list_checkpoints(run)[-1])
+    metrics = run / "metrics.jsonl"
+    # killed while writing the row of step 4: the file ends mid-line
+    kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= 3]
+    metrics.write_text("".join(line + "\n" for line in kept) + '{"step": 4, "lo')
+    capsys.readouterr()
+    pretrain(config(play_text, *settings, "train.resume=auto"), run, progress=False)
+    assert "dropped its last line" in capsys.readouterr().out
+    assert losses(run) == losses(straight)
+    # a damaged line in the middle is not a crash's trace: say which line, change nothing
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "garbage", *lines[1:]]) + "\n")
+    before = metrics.read_bytes()
+    with pytest.raises(UserError, match=r"metrics.jsonl, line 2: not a metrics row"):
+        pretrain(config(play_text, "train.max_steps=8", "train.checkpoint_every=3", "train.resume=auto"), run,
+                 progress=False)
+    assert metrics.read_bytes() == before
 
 
 def test_resume_with_no_whole_checkpoint_is_one_line(play_text, tmp_path):

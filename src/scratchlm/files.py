@@ -30,6 +30,9 @@ def fsync_dir(path: Path) -> None:
 def _replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; whatever was written there is renamed onto `path`."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: name a file to write")
+    make_dir(path.parent)
     # the pid keeps two processes writing the same file from sharing (and truncating) one temp file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

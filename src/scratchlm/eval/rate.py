@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from scratchlm.errors import UserError
+from scratchlm.files import make_dir
 from scratchlm.infer.prompt import plain_prompt, read_prompt
 from scratchlm.infer.sampling import SAMPLING, SamplingParams
 
@@ -146,7 +147,7 @@ def rate(checkpoints: list[str], prompts_path: Path, out: Path, *, seed: int = 0
     print(f"{len(todo)} samples to rate ({len(items) - len(todo)} rated before). For each, type three ratings "
           f"from 1 (bad) to 5 (good): {', '.join(CRITERIA)}, e.g. '4 3 5'; 's' skips, 'q' stops.", file=stdout)
     sampler = sampler or Samples(params, seed, device)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out.parent)
     new_file = not out.exists() or out.stat().st_size == 0
     given = 0
     with open(out, "a", newline="", encoding="utf-8") as f:

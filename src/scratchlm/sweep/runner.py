@@ -18,6 +18,8 @@ from pathlib import Path
 
 from scratchlm.config import load_config, parse_override
 from scratchlm.errors import UserError
+from scratchlm.files import make_dir
+from scratchlm.runtime import usable_cpus
 from scratchlm.sweep.report import run_status, write_report
 
 # Keys that may differ between a run's saved config and a rerun of its sweep without changing what it
@@ -126,7 +128,7 @@ def run_sweep(config: str | Path, grid_specs: list[str], out: str | Path, *, min
     for cfg in configs.values():
         if not cfg.train.max_steps and not cfg.train.minutes:
             raise UserError(f"{config} sets neither train.max_steps nor train.minutes; give --steps N or --minutes M")
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     grid_keys = [k for k, _ in grid]
 
     def report(final: bool = True, extrapolate: bool = False) -> dict:
@@ -179,7 +181,7 @@ def _run_parallel(config, todo: list[Combo], common: list[str], out: Path, jobs:
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     threads = [] if gpus or any(s.startswith("train.threads=") for s in sets) else \
-        [f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}"]
+        [f"train.threads={max(1, usable_cpus() // jobs)}"]
     free, running, failed = list(range(jobs)), {}, []
     queue = list(todo)
     try:

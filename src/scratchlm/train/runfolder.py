@@ -83,8 +83,7 @@ class RunLog:
         self.sinks = Sinks(cfg.train.log_to, out_dir, cfg.to_dict(), resumed_at is not None)
         path = out_dir / "metrics.jsonl"
         if resumed_at is not None and path.exists():
-            rows = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_at]
+            rows = [line for line, row in _rows(path) if row.get("step", 0) <= resumed_at]
             atomic_write_text(path, "".join(r + "\n" for r in rows))
         elif resumed_at is None and path.exists():
             path.unlink()
@@ -103,3 +102,25 @@ class RunLog:
         if self.file:
             self.file.close()
             self.sinks.close()
+
+
+def _rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of each row in metrics.jsonl. A last line cut short (the run was killed while writing
+    it) is dropped with a note; anything else that is not a JSON row is refused, naming the line."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        elif n == len(lines) and not text.endswith("\n"):
+            print(f"note: {path}: dropped its last line, cut short when the run stopped", flush=True)
+        else:
+            raise UserError(f"{path}, line {n}: not a metrics row; fix or delete that line, then resume again")
+    return rows

@@ -2,6 +2,7 @@
 several runs overlaid in one figure."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from scratchlm.errors import UserError  # noqa: E402
+from scratchlm.files import atomic_write_bytes  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -74,9 +76,8 @@ def save_figure(fig, out: Path) -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".png", ".svg", ".pdf"):
         raise UserError(f"{out}: choose a .png, .svg or .pdf file name")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    fig.savefig(tmp, dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format=out.suffix[1:].lower(), dpi=110)
     plt.close(fig)
-    tmp.replace(out)
+    atomic_write_bytes(out, image.getvalue())
     return out
