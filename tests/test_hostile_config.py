@@ -223,6 +223,12 @@ def test_a_triton_run_loads_and_runs_on_sdpa_with_one_notice(tmp_path, capsys, m
                  "--temperature", "0"]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("the cat") and "Traceback" not in captured.err
+    # and it leaves for the ecosystem: Hugging Face's Llama reads the same weights to the same logits
+    assert main(["convert", str(run), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, plain(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_training_with_triton_where_it_cannot_run_is_one_line(monkeypatch):

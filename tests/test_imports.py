@@ -9,8 +9,9 @@ import scratchlm
 
 ROOT = Path(scratchlm.__file__).parent
 # What runs a trained model: none of it may need `scratchlm.train`, directly or through another module.
-INFERENCE = ["scratchlm.infer", "scratchlm.serve", "scratchlm.chat", "scratchlm.loading", "scratchlm.viz.attention",
-             "scratchlm.eval.tasks", "scratchlm.runtime", "scratchlm.rundir"]
+# (convert may: writing a run folder is writing a checkpoint the way training does.)
+INFERENCE = ["scratchlm.infer", "scratchlm.serve", "scratchlm.chat", "scratchlm.loading", "scratchlm.viz",
+             "scratchlm.eval", "scratchlm.runtime", "scratchlm.rundir"]
 
 
 def module_name(path: Path) -> str:

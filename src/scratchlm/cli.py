@@ -3,6 +3,7 @@ lives in the modules it imports."""
 from __future__ import annotations
 
 import argparse
+import signal
 import math
 import sys
 from dataclasses import replace
@@ -425,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(e, "signum", signal.SIGINT)  # as a shell reports a command a signal stopped
     except BrokenPipeError:
         return 0
     return code or 0

@@ -53,6 +53,14 @@ class TrainJob:
     sample_prompt: list[int] | None = None
 
 
+class Interrupted(KeyboardInterrupt):
+    """A second signal during training: stop at once, without the checkpoint, exiting as that signal asks."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopFlag:
     """SIGTERM and Ctrl-C ask the loop to stop at the end of the current step, after a checkpoint; `signal`
     is the one received (0: none)."""
@@ -71,7 +79,7 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signal:  # a second one means now
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.signal = signum
 
     def __exit__(self, *exc):
