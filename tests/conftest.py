@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from tiny_chat import one_thread
 
 # The recipe overrides for a training run that takes seconds on a CPU: a two-layer 32-wide model on a
 # 300-token vocabulary, float32 so that numbers compare on any CPU, the step budget left to each test.
@@ -20,6 +21,13 @@ TINIER = ["model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.cont
 def tiny_run(*overrides: str) -> list[str]:
     """`--set` overrides for a tiny run of a recipe; later overrides win over earlier ones."""
     return [*TINY_RUN, *overrides]
+
+
+@pytest.fixture
+def single_thread():
+    """Torch on one thread for the test (see tiny_chat.one_thread for why)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture

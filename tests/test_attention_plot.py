@@ -14,13 +14,7 @@ from scratchlm.config import load_config, recipe_path
 from scratchlm.model.transformer import Transformer
 from scratchlm.viz.attention import attention_maps, plot_attention
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(position: str, **extra) -> Transformer:

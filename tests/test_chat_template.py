@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_chat import byte_tokenizer, one_thread, tiny_model
+from tiny_chat import byte_tokenizer, tiny_model
 
 from scratchlm.chat.template import (
     ASSISTANT,
@@ -25,11 +25,9 @@ from scratchlm.chat.template import (
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+
 BOS, SYS, USR, AST, EOT = 258, 260, 261, 262, 263
 
 

@@ -3,7 +3,7 @@ generation for the same conversation, Ctrl-C in the middle of a reply, and the C
 from __future__ import annotations
 
 import pytest
-from tiny_chat import make_run, one_thread
+from tiny_chat import make_run
 
 import scratchlm
 from scratchlm.chat.template import Prompter
@@ -13,11 +13,7 @@ from scratchlm.errors import UserError
 from scratchlm.infer.generate import complete
 from scratchlm.infer.sampling import SAMPLING
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

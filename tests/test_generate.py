@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from tiny_chat import byte_tokenizer, one_thread, tiny_model
+from tiny_chat import byte_tokenizer, tiny_model
 
 from scratchlm.errors import UserError
 from scratchlm.infer.decoder import BatchDecoder
@@ -16,11 +16,9 @@ from scratchlm.infer.sampling import SamplingParams, apply_repetition_penalty, f
 from scratchlm.infer.text import TextBatch, TextStream, stream_text
 from scratchlm.runtime import eval_mode
 
+pytestmark = pytest.mark.usefixtures("single_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+
 POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "nope"]
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from cli_checks import one_line_error
-from tiny_chat import make_run, one_thread
+from tiny_chat import make_run
 
 import scratchlm
 from scratchlm.chat.terminal import ChatSession
@@ -22,13 +22,7 @@ from scratchlm.infer.sampling import SamplingParams
 from scratchlm.runtime import pick_device
 
 
-pytestmark = pytest.mark.usefixtures("offline_cache")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("offline_cache", "single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +34,6 @@ def base_run(tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     return str(make_run(tmp_path_factory.mktemp("hostile") / "chat"))
-
-
 
 
 @pytest.mark.parametrize("flags, named", [

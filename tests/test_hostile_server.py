@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from tiny_chat import make_run, one_thread
+from tiny_chat import make_run
 
 import scratchlm
 import scratchlm.loading
@@ -22,13 +22,9 @@ from scratchlm.chat.template import MessageError, check_messages
 from scratchlm.errors import UserError
 from scratchlm.serve.server import IDLE_TIMEOUT, make_server
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 MODEL = "tiny-chat"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

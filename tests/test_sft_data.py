@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_chat import byte_tokenizer, one_thread, tiny_model
+from tiny_chat import byte_tokenizer, tiny_model
 
 from scratchlm.chat.template import Prompter, render
 from scratchlm.errors import UserError
@@ -20,11 +20,7 @@ from scratchlm.sft import (
 )
 from scratchlm.sft.formats import chats, read_file
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def user(text):
