@@ -36,7 +36,8 @@ import numpy as np
 from tqdm import tqdm
 
 from scratchlm.data.shards import token_dtype, tokenizer_fingerprint
-from scratchlm.data.stream import PIECE_CHARS, Item, Source
+from scratchlm.data import stream
+from scratchlm.data.stream import Item, Source
 from scratchlm.errors import UserError
 from scratchlm.files import atomic_write_text, fsync_dir
 from scratchlm.runtime import usable_cpus
@@ -71,8 +72,9 @@ def _encode_batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return (np.concatenate(arrays) if arrays else np.zeros(0, dtype)), lengths, sizes
 
 
-def batches(items: Iterator[Item], chars: int = BATCH_CHARS) -> Iterator[list[Item]]:
-    """Consecutive items, about `chars` characters at a time: the same batches whatever the workers."""
+def batches(items: Iterator[Item], chars: int | None = None) -> Iterator[list[Item]]:
+    """Consecutive items, about `chars` (default BATCH_CHARS) characters at a time."""
+    chars = chars or BATCH_CHARS
     batch, size = [], 0
     for item in items:
         batch.append(item)
@@ -183,8 +185,15 @@ class SplitWriter:
         self._handle.close()
 
     def finish(self) -> dict:
-        """Close the last file under its own name; the split's entry of meta.json."""
-        self._finish_file()
+        """Close the last file under its own name (none when the one before ended the split exactly);
+        the split's entry of meta.json."""
+        shards = self.state["shards"]
+        if len(shards) > 1 and not shards[-1]["tokens"]:
+            self._handle.close()
+            (self.dir / f".{self._name(len(shards) - 1)}.tmp").unlink()
+            shards.pop()
+        else:
+            self._finish_file()
         shards = [{"file": self._name(i), **s} for i, s in enumerate(self.state["shards"])]
         return {"files": [s["file"] for s in shards], "tokens": self.state["tokens"],
                 "documents": self.state["documents"], "bytes": self.state["bytes"], "shards": shards}
@@ -194,8 +203,36 @@ class SplitWriter:
 def plan_key(tokenizer_dir: Path, source: Source, budget: Budget, rule: str) -> str:
     """What the shards depend on; a folder's progress from another plan is not resumed."""
     key = [FORMAT_VERSION, tokenizer_fingerprint(tokenizer_dir), source.key, rule, budget.max_tokens,
-           budget.val_tokens, budget.shard_tokens, PIECE_CHARS]
+           budget.val_tokens, budget.shard_tokens, stream.PIECE_CHARS]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _unchanged(recorded: list, stamps: list) -> bool:
+    """Whether the files a run read (their stamps then) are still the same."""
+    return isinstance(recorded, list) and recorded == stamps[:len(recorded)]
+
+
+def _resumable(state: dict, plan: str, stamps: list) -> dict | None:
+    """The progress to go on from: as recorded while the files read are unchanged; back at the start of
+    the file being read when only that one changed (a bad record fixed in place: the files before it
+    keep their shards); None to start over."""
+    if state.get("plan") != plan:
+        return None
+    recorded = state.get("stamps", [])
+    if _unchanged(recorded, stamps):
+        return state
+    start = state.get("file_start")
+    if recorded and _unchanged(recorded[:-1], stamps) and isinstance(start, dict):
+        start["file_start"] = json.loads(json.dumps(start))  # the place to come back to, should it change again
+        return start
+    return None
+
+
+def _snapshot(state: dict, item: Item) -> dict:
+    """The state as it is before `item`, the first of a file, is read (see `_resumable`)."""
+    copy = json.loads(json.dumps({k: v for k, v in state.items() if k != "file_start"}))
+    copy.update(next=[item.file, item.record, item.part], file=item.file, file_start=None)
+    return copy
 
 
 def _load(path: Path) -> dict:
@@ -251,16 +288,17 @@ def encode_stream(tokenizer, tokenizer_dir: Path, source: Source, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_key(tokenizer_dir, source, budget, rule)
     meta_path, progress_path = out_dir / "meta.json", out_dir / PROGRESS
+    stamps = source.stamps()
     old = _load(meta_path)
-    if old.get("plan") == plan:
+    if old.get("plan") == plan and _unchanged(old.get("stamps", []), stamps):
         return old
     meta_path.unlink(missing_ok=True)
-    state = _load(progress_path)
-    if state.get("plan") != plan:
+    state = _resumable(_load(progress_path), plan, stamps)
+    if state is None:
         for f in [*out_dir.glob("*_[0-9]*.bin"), *out_dir.glob(".*_[0-9]*.bin.tmp")]:
             f.unlink()  # another run's shards would linger unlisted
         state = {"plan": plan, "next": [0, 0, 0], "records": 0, "doc": None, "text_bytes": 0, "read": None,
-                 "revision": None, "train": {}, "val": {}}
+                 "revision": None, "file": 0, "file_start": None, "train": {}, "val": {}}
     if hasattr(source, "pin"):
         state["revision"] = source.pin(state["revision"])
 
@@ -273,6 +311,7 @@ def encode_stream(tokenizer, tokenizer_dir: Path, source: Source, out_dir: Path,
     def save() -> None:
         for w in writers.values():
             w.sync()
+        state["stamps"] = stamps[:state["next"][0] + 1]  # the files read so far
         atomic_write_text(progress_path, json.dumps(state))
 
     workers = workers or usable_cpus()
@@ -298,7 +337,7 @@ def encode_stream(tokenizer, tokenizer_dir: Path, source: Source, out_dir: Path,
     meta = {"format": FORMAT_VERSION, "plan": plan, "vocab_size": tokenizer.vocab_size, "dtype": dtype.name,
             "tokenizer": tokenizer_fingerprint(tokenizer_dir),
             "source": {**source.describe(), **({"revision": state["revision"]} if state["revision"] else {})},
-            "records": state["records"],
+            "records": state["records"], "stamps": state["stamps"],
             "budget": {"max_tokens": budget.max_tokens, "val_tokens": budget.val_tokens,
                        "shard_tokens": budget.shard_tokens, "reached": writers["train"].full},
             "validation": rule,
@@ -325,6 +364,8 @@ def _run(results, source: Source, writers: dict[str, SplitWriter], eos_ids: np.n
     for batch, ids, lengths, sizes in results:
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         for k, item in enumerate(batch):
+            if item.file != state["file"]:
+                state["file"], state["file_start"] = item.file, _snapshot(state, item)
             if item.new_doc:
                 record = state["records"]
                 state["records"] += 1

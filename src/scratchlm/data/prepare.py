@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scratchlm.config import DataConfig
-from scratchlm.data.ingest import BATCH_CHARS, Budget, encode_stream, plan_key
-from scratchlm.data.shards import read_meta, tokenizer_fingerprint
+from scratchlm.data import ingest
+from scratchlm.data.ingest import Budget, encode_stream, plan_key
+from scratchlm.data.shards import NOT_FINGERPRINTED, read_meta, tokenizer_fingerprint
 from scratchlm.data.sources import CORPORA, DATASETS, unknown_dataset
 from scratchlm.data.stream import HubSource, LocalSource, Source, SplitSource, suffix_of
 from scratchlm.errors import UserError
@@ -26,7 +27,7 @@ from scratchlm.files import atomic_dir, atomic_write_text
 from scratchlm.tokenizer import Tokenizer, train_bpe
 from scratchlm.tokenizer.bpe import train_bpe_on_texts
 
-SAMPLE_FILE = "training.json"  # in a tokenizer folder: what it was trained on, how long it took, peak memory
+SAMPLE_FILE = NOT_FINGERPRINTED[0]  # in a tokenizer folder: what it was trained on, how long it took, peak memory
 
 
 @dataclass
@@ -78,9 +79,10 @@ def validation_rule(source: Source, val_tokens: int) -> str:
 def _sample(source: Source, limit: int, stats: dict):
     """Batches of the texts of the first train documents of `source`, until `limit` UTF-8 bytes (reached
     at the end of an item: a document, or a piece of about a megabyte of a long one)."""
-    stats.update(documents=0, bytes=0, records=0)
+    stats.update(documents=0, bytes=0, records=0, files=0)
     batch, size, keep = [], 0, False
     for item in source.items():
+        stats["files"] = item.file + 1
         if item.new_doc:
             keep = not source.val_candidate(stats["records"])
             stats["records"] += 1
@@ -90,7 +92,7 @@ def _sample(source: Source, limit: int, stats: dict):
         stats["bytes"] += len(item.text.encode("utf-8", "surrogatepass"))
         batch.append(item.text)
         size += len(item.text)
-        if size >= BATCH_CHARS:
+        if size >= ingest.BATCH_CHARS:
             yield batch
             batch, size = [], 0
         if stats["bytes"] >= limit:
@@ -122,7 +124,8 @@ def train_on_sample(source: Source, cfg: DataConfig, out_dir: Path, progress: bo
               "sample": {"rule": "the first train documents of the stream, in order (held-out records "
                                  "skipped), until the limit: the end of a document or of a ~1 MB piece of one",
                          "limit_bytes": cfg.tokenizer_sample_bytes, "bytes": stats["bytes"],
-                         "documents": stats["documents"], "records_read": stats["records"]},
+                         "documents": stats["documents"], "records_read": stats["records"],
+                         "stamps": source.stamps()[:stats["files"]]},
               "seconds": round(seconds, 1), "peak_memory": peak}
     if getattr(source, "revision", None):
         record["source"]["revision"] = source.revision
@@ -155,17 +158,27 @@ def prepare(cfg: DataConfig, progress: bool = True) -> PreparedData:
         held_out = source.n_val if isinstance(source, SplitSource) else source.val_every
         key = digest(source.key, held_out, cfg.vocab_size, cfg.special_tokens, cfg.uncased, cfg.tokenizer_sample_bytes)
         tok_dir = cache_dir() / "tokenizers" / f"{slug(Path(source.label).name)}-bpe{cfg.vocab_size}-{key}"
-        if not (tok_dir / "tokenizer.json").exists():
+        if not _trained_on(tok_dir, source):
             train_on_sample(source, cfg, tok_dir, progress)
     budget = Budget(cfg.max_tokens, cfg.val_tokens, cfg.shard_tokens)
-    fingerprint = tokenizer_fingerprint(tok_dir)
-    shard_dir = cache_dir() / "shards" / f"{slug(Path(source.label).name)}-{fingerprint}-{plan_key(tok_dir, source, budget, rule)}"
-    if (shard_dir / "meta.json").exists():
-        meta = read_meta(shard_dir)
-    else:
+    plan = plan_key(tok_dir, source, budget, rule)
+    shard_dir = cache_dir() / "shards" / f"{slug(Path(source.label).name)}-{tokenizer_fingerprint(tok_dir)}-{plan}"
+    if not (shard_dir / "meta.json").exists():
         say(progress, f"encoding {source.label} into {shard_dir}")
-        meta = encode_stream(Tokenizer.load(tok_dir), tok_dir, source, shard_dir, budget, rule, cfg.workers, progress)
+    # returns at once when the folder is complete (and its files unchanged); resumes one stopped part way
+    meta = encode_stream(Tokenizer.load(tok_dir), tok_dir, source, shard_dir, budget, rule, cfg.workers, progress)
     return PreparedData(tok_dir, shard_dir, meta)
+
+
+def _trained_on(tok_dir: Path, source: Source) -> bool:
+    """Whether the cached tokenizer is there and the files its sample came from are unchanged."""
+    if not (tok_dir / "tokenizer.json").exists():
+        return False
+    try:
+        read = json.loads((tok_dir / SAMPLE_FILE).read_text())["sample"].get("stamps", [])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return isinstance(read, list) and read == source.stamps()[:len(read)]
 
 
 def summary(data: PreparedData) -> str:

@@ -53,11 +53,13 @@ def suffix_of(path: Path) -> str:
     return next((s for s in SUFFIXES if name.endswith(s)), "")
 
 
-def pieces(chunks, specials: list[str], size: int = PIECE_CHARS) -> Iterator[str]:
-    """The text of `chunks` (strings) in pieces of about `size` characters, cut only where encoding the
-    pieces apart gives the tokens of the whole (`pretokenize.find_cut`). Always at least one piece."""
+def pieces(chunks, specials: list[str], size: int | None = None) -> Iterator[str]:
+    """The text of `chunks` (strings) in pieces of about `size` (default PIECE_CHARS) characters, cut only
+    where encoding the pieces apart gives the tokens of the whole (`pretokenize.find_cut`). Always at
+    least one piece."""
     from scratchlm.tokenizer.pretokenize import find_cut
 
+    size = size or PIECE_CHARS
     buf, target, sent = "", size, False
     for chunk in chunks:
         buf += chunk
@@ -85,6 +87,11 @@ class Source:
     def val_candidate(self, record: int) -> bool:
         """Whether the record with this index (counted over the whole stream) is held out for validation."""
         raise NotImplementedError
+
+    def stamps(self) -> list:
+        """[name, size, mtime] of each input file, in order, for sources whose files may be edited in place:
+        work made from the first files stays good as long as those files have the same stamps."""
+        return []
 
     def describe(self) -> dict:
         """What meta.json records of the source."""
@@ -129,12 +136,16 @@ class LocalSource(EveryNth, Source):
             raise UserError(f"{path}: unsupported file type; use {', '.join(SUFFIXES)} or a folder of them")
         self.root, self.files, self.text_field, self.specials = path, files, text_field, list(specials)
         self.label = str(path)
-        stats = [(p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size, p.stat().st_mtime_ns)
-                 for p in files]
-        # sizes and times in the key: an edited file gives a fresh cache entry instead of stale shards
-        self.key = digest(path, text_field, *stats)
-        self.total = sum(s for _, s, _ in stats)
-        self._before = [sum(s for _, s, _ in stats[:i]) for i in range(len(stats))]
+        self._stamps = [[p.relative_to(path).as_posix() if path.is_dir() else p.name, p.stat().st_size,
+                         p.stat().st_mtime_ns] for p in files]
+        # Names only: a file fixed in place after a bad record keeps the cache folder, and the work done
+        # before it; `stamps` tells which files were read and whether they changed since.
+        self.key = digest(path, text_field, *(name for name, _, _ in self._stamps))
+        self.total = sum(size for _, size, _ in self._stamps)
+        self._before = [sum(size for _, size, _ in self._stamps[:i]) for i in range(len(files))]
+
+    def stamps(self) -> list:
+        return [list(s) for s in self._stamps]
 
     def describe(self) -> dict:
         return {"kind": "local", "path": str(self.root), "text_field": self.text_field, "files": len(self.files),
@@ -285,6 +296,7 @@ class HubSource(EveryNth, Source):
         once (None for a local folder, or when the Hub does not say)."""
         if revision is None and self.revision is not None:
             return self.revision
+        import_datasets(self.spec)  # offline, fail in one line now rather than after the Hub client's retries
         if revision is None and not Path(self.name).exists():
             try:
                 from huggingface_hub import HfApi
