@@ -21,6 +21,9 @@ What is measured, each in a child process pinned to `--cores` cores:
   of the main process and of the largest worker, and the peak size of the cache folder while it runs
   (polled every 0.1 s) against the size of the finished shards; then whether the shards of every worker
   count are the same bytes;
+- resuming: the run with the most workers once more, killed with SIGKILL (workers and all) when half its
+  shards are on disk, then started again: are its shards the same bytes as those of the run that never
+  stopped;
 - encoding against tiktoken: the same documents, read the same way and sent in the same batches to the
   same number of processes, encoded by a `tiktoken.Encoding` built on our tokenizer's ranks
   (`encode_ordinary` per document, the ids thrown away): tiktoken's throughput with none of our work
@@ -255,14 +258,19 @@ def child_prepare(a) -> dict:
 CHILDREN = {"tok-ours": child_tok_ours, "tok-hf": child_tok_hf, "tiktoken": child_tiktoken, "prepare": child_prepare}
 
 
-def run_child(kind: str, a, workers: int = 1, cache: Path | None = None, watch: Path | None = None) -> dict:
-    """Run one measurement in a fresh process; with `watch`, also the peak size of that folder meanwhile."""
+def _child_cmd(kind: str, a, workers: int, cache: Path | None) -> tuple[list[str], dict]:
     env = {**os.environ, "RAYON_RS_NUM_CPUS": str(a.cores), "TOKENIZERS_PARALLELISM": "true",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
     if cache is not None:
         env["SCRATCHLM_CACHE"] = str(cache)
     cmd = [sys.executable, __file__, "--child", kind, "--corpus", str(a.corpus), "--out", str(a.tok), "--vocab",
            str(a.vocab), "--sample", str(a.sample), "--cores", str(a.cores), "--workers", str(workers)]
+    return cmd, env
+
+
+def run_child(kind: str, a, workers: int = 1, cache: Path | None = None, watch: Path | None = None) -> dict:
+    """Run one measurement in a fresh process; with `watch`, also the peak size of that folder meanwhile."""
+    cmd, env = _child_cmd(kind, a, workers, cache)
     peak, stop = [0], threading.Event()
 
     def poll():
@@ -320,6 +328,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "scratchlm-bench-data",
                     help="where the corpus is kept and the runs write (default $TMPDIR/scratchlm-bench-data)")
     ap.add_argument("--skip-hf", action="store_true", help="leave out Hugging Face tokenizers")
+    ap.add_argument("--no-kill", dest="kill", action="store_false",
+                    help="leave out the SIGKILL-and-resume check (one more run with the most workers)")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -368,6 +378,7 @@ def main() -> None:
               file=sys.stderr, flush=True)
         shutil.rmtree(cache, ignore_errors=True)
     same = len({json.dumps(h, sort_keys=True) for h in hashes.values()}) == 1
+    resumed = kill_and_resume(a, max(a.workers), hashes[max(a.workers)], rows[-1]["shards"]) if a.kill else None
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
 
     print(f"corpus {corpus['text_bytes'] / MB:,.0f} MB of text ({corpus['documents']:,} documents, "
@@ -385,6 +396,31 @@ def main() -> None:
               f"| {r['stream_mb_s'] / r['tt_mb_s']:.2f}x | {r['peak_mb']:.0f}; {r['workers_peak_mb']:.0f} "
               f"| {r['peak_disk'] / MB:,.1f} | {r['shards'] / MB:,.1f} |")
     print(f"\nshards byte-identical across workers {a.workers}: {'yes' if same else 'NO'}")
+    if resumed:
+        print(f"killed with SIGKILL at {resumed['killed_at'] / MB:,.0f} MB of shards, then resumed "
+              f"({resumed['seconds']:.1f} s): byte-identical to the run that never stopped: "
+              f"{'yes' if resumed['same'] else 'NO'}")
+
+
+def kill_and_resume(a, workers: int, want: dict, final: int) -> dict:
+    """`data prepare` killed (SIGKILL, workers and all) once half the shards are on disk, then run again."""
+    import signal
+
+    cache = a.work / "cache-kill"
+    shutil.rmtree(cache, ignore_errors=True)
+    cmd, env = _child_cmd("prepare", a, workers, cache)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    while (size := _du(cache) if cache.exists() else 0) < final // 2:
+        if proc.poll() is not None:
+            raise SystemExit("the run to be killed ended first")
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    run = run_child("prepare", a, workers, cache=cache)
+    [shard_dir] = (cache / "shards").iterdir()
+    got = {p.name: _sha(p) for p in sorted(shard_dir.iterdir())}
+    shutil.rmtree(cache, ignore_errors=True)
+    return {"killed_at": size, "seconds": run["seconds"], "same": got == want}
 
 
 def _sha(path: Path) -> str:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from tqdm import tqdm
 
 from scratchlm.config import DataConfig
 from scratchlm.data import ingest
@@ -110,9 +113,21 @@ def train_on_sample(source: Source, cfg: DataConfig, out_dir: Path, progress: bo
                   f"{cfg.tokenizer_sample_bytes / 1e6:,.0f} MB of {source.label}")
     stats: dict = {}
     start = time.monotonic()
-    vocab, merges = train_bpe_on_texts(_sample(source, cfg.tokenizer_sample_bytes, stats), cfg.vocab_size,
-                                       cfg.special_tokens, uncased=cfg.uncased, workers=cfg.workers or None,
-                                       progress=progress)
+    # the counting workers take batches a few at a time, so the bytes handed out track their progress
+    bar = tqdm(total=cfg.tokenizer_sample_bytes, unit="B", unit_scale=True, desc="tokenizer sample",
+               disable=not progress, file=sys.stderr, delay=1.0)
+
+    def counted():
+        for batch in _sample(source, cfg.tokenizer_sample_bytes, stats):
+            bar.update(stats["bytes"] - bar.n)
+            yield batch
+        bar.close()  # before the merges' own bar
+
+    try:
+        vocab, merges = train_bpe_on_texts(counted(), cfg.vocab_size, cfg.special_tokens, uncased=cfg.uncased,
+                                           workers=cfg.workers or None, progress=progress)
+    finally:
+        bar.close()
     seconds = time.monotonic() - start
     tokenizer = Tokenizer(vocab, merges, cfg.special_tokens, uncased=cfg.uncased)
     # ru_maxrss: the peak of this process over its life (an upper bound on training's) and of the
