@@ -46,6 +46,13 @@ def cmd_data_get(a):
     print(f"val   {val} ({split.val_bytes:,} bytes)")
 
 
+def cmd_data_prepare(a):
+    from scratchlm.config import load_config
+    from scratchlm.data.prepare import prepare, summary
+
+    print(summary(prepare(load_config(a.config, a.set).data)))
+
+
 def _input_files(inputs: list[str]) -> list[Path]:
     """Files as given; a dataset name (or hf: source) stands for its train split."""
     from scratchlm.data.sources import get_dataset
@@ -264,13 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run folder (default runs/demo-<time>)")
     s.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="named datasets").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="named datasets and the data stage").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("list", help="the named datasets: size, licence, source")
     s.set_defaults(func=cmd_data_list)
     s = data.add_parser("get", help="fetch a dataset into the cache and print where its splits are")
     s.add_argument("name", help="a dataset name, a local path, or hf:NAME")
     s.add_argument("--out", help="also copy train.txt and val.txt into this folder")
     s.set_defaults(func=cmd_data_get)
+    s = data.add_parser("prepare", help="a recipe's data stage: stream its dataset into a tokenizer and token "
+                                        "shards in the cache (rerun to resume)")
+    s.add_argument("--config", required=True, help="recipe, e.g. recipes/qt-1b.toml")
+    s.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value, e.g. data.max_tokens=2e9 or data.workers=16")
+    s.set_defaults(func=cmd_data_prepare)
 
     tok = sub.add_parser("tokenizer", help="train and apply a byte-level BPE tokenizer").add_subparsers(
         dest="tokenizer_command", required=True)

@@ -168,26 +168,47 @@ PRESETS: dict[str, dict] = {
 @dataclass
 class DataConfig:
     dataset: str = "shakespeare"     # a named dataset, a local path, or hf:NAME
-    tokenizer: str = ""              # an existing tokenizer folder; empty: train one on the train split
+    text_field: str = "text"         # the field holding the text in .jsonl, .parquet and hf: records
+    tokenizer: str = ""              # an existing tokenizer folder; empty: train one on a sample of the train split
     vocab_size: int = 4096
     special_tokens: list[str] = field(default_factory=lambda: ["<pad>", "<unk>", "<bos>", "<eos>"])
     uncased: bool = False
+    tokenizer_sample_bytes: int = 1_000_000_000  # text the tokenizer is trained on: the first this many bytes of train documents
     shards: str = ""                 # an existing shard folder; empty: encode into the cache
+    max_tokens: int = 0              # train tokens to encode, then stop (the token budget); 0: the whole source
+    val_tokens: int = 10_000_000     # validation tokens at most; 0: no cap
+    val_every: int = 100             # every Nth document of a streamed source is held out for validation
+    shard_tokens: int = 100_000_000  # tokens per shard file (200 MB at 2 bytes a token)
+    workers: int = 0                 # encoding processes; 0: one per usable CPU
+
+    CHOICES: ClassVar[dict] = {}
+    RANGES: ClassVar[dict] = {"tokenizer_sample_bytes": AT_LEAST_1, "max_tokens": AT_LEAST_0,
+                              "val_tokens": AT_LEAST_0, "val_every": Range(2), "shard_tokens": AT_LEAST_1,
+                              "workers": AT_LEAST_0}
+    # Token counts and byte sizes may be written as 2e9 (TOML reads that as a float): whole numbers are taken.
+    WHOLE: ClassVar[tuple] = ("tokenizer_sample_bytes", "max_tokens", "val_tokens", "shard_tokens")
 
     def validate(self) -> None:
         from scratchlm.tokenizer.pretokenize import check_special_tokens
 
         if not self.dataset:
             raise UserError("data.dataset is empty: name a dataset (scratchlm data list), a local path or hf:NAME")
+        if not self.text_field:
+            raise UserError("data.text_field is empty: name the field that holds the text, e.g. text")
         try:
             check_special_tokens(self.special_tokens)
         except ValueError as e:
             raise UserError(f"data.special_tokens: {e}") from None
+        _check_fields(self, "data")
         # Byte-level BPE starts from the 256 single bytes and the specials; fewer tokens cannot be had.
         least = 256 + len(self.special_tokens)
         if self.vocab_size < least:
             raise UserError(f"data.vocab_size = {self.vocab_size} is out of range: it must be >= {least} "
                             f"(256 byte tokens + {len(self.special_tokens)} special tokens)")
+        # A budget under one shard is most likely a slip (2e6 for 2e9); a small run lowers shard_tokens too.
+        if 0 < self.max_tokens < self.shard_tokens:
+            raise UserError(f"data.max_tokens = {self.max_tokens:,} is below one shard (data.shard_tokens = "
+                            f"{self.shard_tokens:,}): raise the budget, or lower data.shard_tokens with it")
 
 
 @dataclass
@@ -318,6 +339,9 @@ def _coerce(section: str, key: str, value, kind, source: str):
         return dict(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is int and key in getattr(SECTIONS.get(section), "WHOLE", ()) and isinstance(value, float) \
+            and value.is_integer():
+        return int(value)
     if kind is bool and not isinstance(value, bool) or kind is not bool and isinstance(value, bool) \
             or not isinstance(value, kind):
         raise UserError(f"{source}: {name} must be {kind.__name__}, got {value!r}")

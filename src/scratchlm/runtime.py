@@ -8,17 +8,21 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from scratchlm.errors import UserError
 
+# torch is imported inside the functions that use it: the data stage asks only for the CPU count, and
+# loading torch would add about 200 MB to it and to each of its worker processes.
+if TYPE_CHECKING:
+    import torch
 
 def pick_device(name: str, setting: str = "--device") -> torch.device:
     """The device called `name`: auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or
     mps. UserError naming `setting` (the flag or config field it came from) for any other name, or for a
     device this machine does not have."""
+    import torch
+
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
@@ -43,6 +47,8 @@ def pick_device(name: str, setting: str = "--device") -> torch.device:
 def multiplies_bf16_natively(device: torch.device) -> bool:
     """Whether bfloat16 matrix products run in hardware here: a CUDA device that supports them, or a CPU
     with AMX or AVX-512 BF16 units (elsewhere oneDNN converts to float32 and bf16 is slower, not faster)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
@@ -54,6 +60,8 @@ def multiplies_bf16_natively(device: torch.device) -> bool:
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype of the matrix products that `train.precision` asks for on this device."""
+    import torch
+
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     elif precision == "bf16-native":
@@ -67,6 +75,8 @@ def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
 def autocast_for(device: torch.device, precision: str):
     """A factory of autocast contexts, or None for plain float32. Autocast computes matrix products in
     16 bits while the parameters (and so the optimizer) stay float32."""
+    import torch
+
     dtype = compute_dtype(device, precision)
     if dtype == torch.float32:
         return None

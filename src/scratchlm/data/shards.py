@@ -44,10 +44,15 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+# How a tokenizer was trained (its sample, time and memory: data/prepare.py) says nothing of how it encodes.
+NOT_FINGERPRINTED = ("training.json",)
+
+
 def tokenizer_fingerprint(tokenizer_dir: Path) -> str:
+    """A hash of the files that make the tokenizer: the same tokenizer trained twice has the same one."""
     h = hashlib.sha256()
     for f in sorted(Path(tokenizer_dir).glob("*")):
-        if f.is_file():
+        if f.is_file() and f.name not in NOT_FINGERPRINTED:
             h.update(f.name.encode())
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -343,4 +348,23 @@ def open_split(shard_dir: Path, split: str) -> list[np.memmap]:
     if tokens != expected:
         where = f"{files[0]} holds" if len(files) == 1 else f"the {split} files of {shard_dir} hold"
         raise _damaged(shard_dir, f"{where} {tokens:,} tokens but meta.json says {expected:,}")
+    _room_for_files(len(files))
     return [np.memmap(f, dtype=dtype, mode="r") for f in files if f.stat().st_size > 0]
+
+
+def _room_for_files(n: int) -> None:
+    """Let this process hold `n` more files open. A memory map keeps a descriptor of its file, and a
+    corpus of thousands of shards (train and val, for each data-loading process) passes the usual soft
+    limit of 1024: raise it toward the hard limit, which is how far a process may go without privileges."""
+    try:
+        import resource
+    except ImportError:  # not a Unix: no such limit to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = n + len(os.listdir("/proc/self/fd")) + 64 if os.path.isdir("/proc/self/fd") else 2 * n + 256
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise UserError(f"{n:,} shard files need {need:,} open files but this system allows {hard:,} (ulimit -Hn); "
+                        f"encode again with a larger data.shard_tokens, or raise the limit")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (2 * need if hard == resource.RLIM_INFINITY else hard, hard))

@@ -76,6 +76,28 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
 )}
 
 
+@dataclass(frozen=True)
+class Corpus:
+    """A large corpus on the Hugging Face Hub, known by a short name: `data prepare` streams it."""
+    name: str
+    description: str
+    size: str
+    licence: str
+    spec: str
+    text_field: str
+
+
+# The seeds' corpora (docs/architecture.md). They need the internet; offline they fail in one line.
+CORPORA: dict[str, Corpus] = {c.name: c for c in (
+    Corpus("tinystories", "short stories in the words a 3-4 year old knows, written by GPT-3.5 and GPT-4",
+           "1.9 GB, 2.1M stories", "CDLA-Sharing-1.0", "hf:roneneldan/TinyStories", "text"),
+    Corpus("openwebtext", "web pages linked from Reddit: an open remake of GPT-2's WebText",
+           "38 GB, 8M pages", "CC0-1.0", "hf:Skylion007/openwebtext", "text"),
+    Corpus("fineweb-edu", "educational web pages filtered from FineWeb: its 100B-token sample",
+           "about 100B GPT-2 tokens", "ODC-By-1.0", "hf:HuggingFaceFW/fineweb-edu:sample-100BT@train", "text"),
+)}
+
+
 class _Part:
     """A split's text file being written, and the offsets where its documents start (into `docs`)."""
 
@@ -323,6 +345,8 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
     same-named path (write `./shakespeare` for the path); `text_field` is for hf:/.jsonl/.parquet."""
     root = Path(cache).expanduser() if cache else cache_dir()
     spec = os.fspath(name_or_path)
+    if spec in CORPORA:
+        spec, text_field = CORPORA[spec].spec, CORPORA[spec].text_field
     if spec in _BUILDERS:
         name, build = spec, lambda t, v: _BUILDERS[spec](t, v, root, progress)
     elif spec.startswith("hf:"):
@@ -332,10 +356,7 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
     elif Path(spec).expanduser().exists():
         name, build = _local(Path(spec).expanduser(), text_field)
     else:
-        close = difflib.get_close_matches(spec, list(DATASETS), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise UserError(f"unknown dataset '{spec}' (not a registered name nor an existing path).{hint} "
-                        f"Known: {', '.join(DATASETS)}; or {HF_SYNTAX}, or a .txt/.jsonl/.parquet file or folder")
+        raise unknown_dataset(spec)
     dest = root / "datasets" / name
     train, val = dest / "train.txt", dest / "val.txt"
     rule = DIALOGUE_SPLIT if spec in DIALOGUES else None
@@ -351,11 +372,22 @@ def get_dataset(name_or_path: str | os.PathLike, *, cache: str | os.PathLike | N
     return DataSplit(name, train, val, train.stat().st_size, val.stat().st_size)
 
 
+def unknown_dataset(spec: str) -> UserError:
+    names = [*DATASETS, *CORPORA]
+    close = difflib.get_close_matches(spec, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return UserError(f"unknown dataset '{spec}' (not a registered name nor an existing path).{hint} "
+                     f"Known: {', '.join(names)}; or {HF_SYNTAX}, or a .txt/.jsonl/.jsonl.zst/.parquet file or folder")
+
+
 def format_dataset_table() -> str:
     """The table printed by `scratchlm data list`."""
     rows = [("name", "size", "licence", "source")] + [(d.name, d.size, d.licence, d.source) for d in DATASETS.values()]
+    rows += [(c.name, c.size, c.licence, f"{c.spec} (text field '{c.text_field}'; streamed, needs the internet)")
+             for c in CORPORA.values()]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) + "  " + r[3] for r in rows]
     lines.insert(1, "-" * max(map(len, lines)))
-    lines.append(f"\nAlso accepted: {HF_SYNTAX} (needs scratchlm[hf]), a .txt/.jsonl/.parquet file or a folder.")
+    lines.append(f"\nAlso accepted: {HF_SYNTAX} (needs scratchlm[hf]), a .txt/.jsonl/.parquet file or a folder; "
+                 f"`scratchlm data prepare` also reads .jsonl.zst files and folders of all of these.")
     return "\n".join(lines)

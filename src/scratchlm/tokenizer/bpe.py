@@ -8,7 +8,9 @@ contain the merged pair, and a heap with lazy invalidation finds the best pair.
 """
 from __future__ import annotations
 
+import collections
 import heapq
+from array import array
 import multiprocessing
 import os
 import sys
@@ -25,6 +27,7 @@ from scratchlm.tokenizer.pretokenize import (
 from scratchlm.tokenizer.normalize import normalize_uncased
 
 _WINDOW = 1 << 16  # bytes read at a time while looking for a chunk boundary
+_SWEEP = 256  # merges between sweeps of dead pairs
 
 
 def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab_size: int,
@@ -43,20 +46,53 @@ def train_bpe(input_path: str | os.PathLike | Sequence[str | os.PathLike], vocab
     stderr, if no pair is left.
     `workers` defaults to all CPUs; `progress` shows tqdm bars on stderr for runs that take a while.
     """
+    specials = _checked(special_tokens, vocab_size)
+    counts = count_pretokens(input_path, specials, uncased=uncased, workers=workers, progress=progress)
+    return train_from_counts(counts, vocab_size, specials, progress=progress)
+
+
+def train_bpe_on_texts(batches: Iterable[list[str]], vocab_size: int, special_tokens: Iterable[str] = (), *,
+                       uncased: bool = False, workers: int | None = None,
+                       progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """`train_bpe` on texts instead of files: each text is a document of its own, as each file is there.
+    `batches` is read lazily, a few batches ahead of the counting workers, so a stream of any length
+    never sits in memory."""
+    specials = _checked(special_tokens, vocab_size)
+    tasks = ((batch, tuple(specials), uncased) for batch in batches)
+    counts: Counter = Counter()
+    for c in _bounded_map(_count_texts, tasks, workers or usable_cpus()):
+        counts.update(c)
+    return train_from_counts(counts, vocab_size, specials, progress=progress)
+
+
+def _checked(special_tokens: Iterable[str], vocab_size: int) -> list[str]:
     try:
         specials = check_special_tokens(special_tokens)
     except ValueError as e:
         raise UserError(f"special tokens: {e}") from None
-    n_merges = vocab_size - len(specials) - 256
-    if n_merges < 0:
+    if vocab_size - len(specials) - 256 < 0:
         raise UserError(f"vocab size {vocab_size} is below the minimum of {256 + len(specials)} "
                         f"(256 byte tokens + {len(specials)} special tokens)")
-    counts = count_pretokens(input_path, specials, uncased=uncased, workers=workers, progress=progress)
-    words = [list(w.encode("utf-8")) for w in counts]
-    pair_ids = merge_loop(words, list(counts.values()), n_merges, progress=progress)
+    return specials
+
+
+def train_from_counts(counts: Counter, vocab_size: int, specials: list[str],
+                      progress: bool = True) -> tuple[dict[int, bytes], list[tuple[bytes, bytes]]]:
+    """The merges of the pre-token counts `counts` (emptied on the way, to give its memory back)."""
+    n_merges = vocab_size - len(specials) - 256
+    empty = not counts
+    words, freqs = [], []
+    while counts:  # popping as we go: the strings' memory is freed while the lists are built
+        w, f = counts.popitem()
+        words.append(list(w.encode("utf-8")))
+        freqs.append(f)
+    # popitem takes the newest first; the merges do not depend on the order, but keep it the counter's
+    words.reverse()
+    freqs.reverse()
+    pair_ids = merge_loop(words, freqs, n_merges, progress=progress)
     if len(pair_ids) < n_merges:
         # Not an error (a small text simply has fewer pairs), but the vocabulary is not the size asked for.
-        why = "the input holds no text" if not counts else "no pair of tokens is left to merge"
+        why = "the input holds no text" if empty else "no pair of tokens is left to merge"
         print(f"warning: asked for {vocab_size:,} tokens but {why}: the vocabulary has "
               f"{256 + len(specials) + len(pair_ids):,} (256 bytes + {len(specials)} special tokens + "
               f"{len(pair_ids):,} merges)", file=sys.stderr, flush=True)
@@ -126,6 +162,38 @@ def _count_ranges(task) -> tuple[int, Counter]:
     return sum(end - start for _, start, end in ranges), counts
 
 
+def _count_texts(task) -> Counter:
+    texts, specials, uncased = task
+    special_re = special_regex(specials)
+    counts: Counter = Counter()
+    for text in texts:
+        for part in split_specials(text, special_re)[::2]:
+            counts.update(PRETOKEN_RE.findall(normalize_uncased(part) if uncased else part))
+    return counts
+
+
+def _bounded_map(fn, tasks: Iterable, workers: int, ahead: int = 2):
+    """`fn` of each task, in order, in `workers` processes with at most `ahead` tasks each queued: unlike
+    `Pool.imap`, which reads its whole input at once, the input is read as the results are taken."""
+    if workers <= 1:
+        yield from map(fn, tasks)
+        return
+    # fork where there is one, for the reason given in count_pretokens
+    methods = multiprocessing.get_all_start_methods()
+    pool = multiprocessing.get_context("fork" if "fork" in methods else "spawn").Pool(workers)
+    try:
+        pending: collections.deque = collections.deque()
+        for task in tasks:
+            pending.append(pool.apply_async(fn, (task,)))
+            if len(pending) >= ahead * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+    finally:
+        pool.terminate()
+        pool.join()
+
+
 def count_pretokens(input_path, special_tokens: Sequence[str] = (), *, uncased: bool = False,
                     workers: int | None = None, progress: bool = True, chunk_bytes: int | None = None) -> Counter:
     """How often each pre-token (a str) occurs in the file(s), counted in parallel over chunks."""
@@ -188,12 +256,14 @@ def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
     returns the merged id pairs, merge k making id 256+k. Tie rule as in `train_bpe`."""
     inv = [_inverted(bytes([x])) for x in range(256)]
     counts: dict[tuple[int, int], int] = defaultdict(int)
-    where: dict[tuple[int, int], set[int]] = defaultdict(set)  # pair -> words that held it at some point
+    # pair -> the words that held it at some point (maybe more than once): flat arrays of 4-byte indices,
+    # a tenth of the memory of sets; a word that no longer holds the pair costs one look when it is merged
+    where: dict[tuple[int, int], array] = defaultdict(_indices)
     for wi, w in enumerate(words):
         f = freqs[wi]
         for p in zip(w, w[1:]):
             counts[p] += f
-            where[p].add(wi)
+            where[p].append(wi)
     # Heap entries (-count, key, a, b). An entry may be stale; the invariant is that every live pair has
     # some entry whose count is >= its current count, so a popped entry that matches the current count is
     # the true maximum. Pairs that grow get a fresh entry (only pairs with the new token can grow); counts
@@ -220,26 +290,21 @@ def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
             j = w.index(a)
             n = len(w)
             # The common case, inline for speed: a single a, followed by b. `_merge_word` says why the
-            # neighbours are all that change. With a single a, the word's only (x, a) goes away, and so
-            # does its only (b, y) if b is single too: the word leaves those pairs' `where`, which spares
-            # a visit if they are merged later (most visits would otherwise find nothing to do).
+            # neighbours are all that change.
             if j + 1 < n and w[j + 1] == b and (j + 2 == n or a not in w[j + 2:]):
                 f = freqs[wi]
                 if j:
                     pair = (w[j - 1], a)
                     counts[pair] -= f
-                    where[pair].discard(wi)
                     pair = (w[j - 1], new)
                     born[pair] = born.get(pair, 0) + f
-                    where[pair].add(wi)
+                    where[pair].append(wi)
                 if j + 2 < n:
                     pair = (b, w[j + 2])
                     counts[pair] -= f
-                    if w.count(b) == 1:
-                        where[pair].discard(wi)
                     pair = (new, w[j + 2])
                     born[pair] = born.get(pair, 0) + f
-                    where[pair].add(wi)
+                    where[pair].append(wi)
                 w[j:j + 2] = [new]
             elif not (w.count(a) == 1 and (j + 1 == n or w[j + 1] != b)):
                 _merge_word(words, wi, a, b, new, freqs[wi], counts, born, where)
@@ -250,14 +315,34 @@ def merge_loop(words: list[list[int]], freqs: list[int], n_merges: int,
             heapq.heappush(heap, (-c, (inv_new if x == new else inv[x]) + (inv_new if y == new else inv[y]), x, y))
         if len(merges) % 256 == 0:
             bar.update(256)
+        if len(merges) % _SWEEP == 0:
+            heap = _sweep(counts, where, heap, inv)
     bar.update(len(merges) % 256)
     bar.close()
     return merges
 
 
+def _indices() -> array:
+    return array("i")
+
+
+def _sweep(counts: dict, where: dict, heap: list, inv: list[bytes]) -> list:
+    """Drop the pairs no word holds any more (a pair's count only ever grows when it is made, with a new
+    token, so one at 0 stays there), and rebuild the heap once stale entries are half as many as the live ones:
+    memory then follows the pairs that exist, not every pair that ever did."""
+    dead = [p for p, c in counts.items() if c <= 0]
+    for p in dead:
+        del counts[p]
+        where.pop(p, None)
+    if 2 * len(heap) > 3 * len(counts):
+        heap = [(-c, inv[a] + inv[b], a, b) for (a, b), c in counts.items()]
+        heapq.heapify(heap)
+    return heap
+
+
 def _merge_word(words: list[list[int]], wi: int, a: int, b: int, new: int, f: int,
                 counts: dict[tuple[int, int], int], born: dict[tuple[int, int], int],
-                where: dict[tuple[int, int], set[int]]) -> bool:
+                where: dict[tuple[int, int], array]) -> bool:
     """Replace each non-overlapping (a, b) of word `wi`, left to right, by `new`; take the pairs that
     go away off `counts` and add those that appear to `born` (weighted by the word's count `f`), noting
     the word in `where` for each. Returns False if the word no longer holds the pair.
@@ -285,17 +370,17 @@ def _merge_word(words: list[list[int]], wi: int, a: int, b: int, new: int, f: in
             if x == new:
                 counts[(b, a)] -= f
                 born[(new, new)] = born.get((new, new), 0) + f
-                where[(new, new)].add(wi)
+                where[(new, new)].append(wi)
             else:
                 counts[(x, a)] -= f
                 born[(x, new)] = born.get((x, new), 0) + f
-                where[(x, new)].add(wi)
+                where[(x, new)].append(wi)
         if j + 2 < n:
             y = w[j + 2]
             if not (y == a and j + 3 < n and w[j + 3] == b):
                 counts[(b, y)] -= f
                 born[(new, y)] = born.get((new, y), 0) + f
-                where[(new, y)].add(wi)
+                where[(new, y)].append(wi)
         out.append(new)
         i = j + 2
     if len(out) == i:  # nothing merged: `out` holds w[:i] unchanged

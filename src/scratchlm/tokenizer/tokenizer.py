@@ -99,6 +99,26 @@ class Tokenizer:
         """Token ids of `text` (fast path; identical to `encode_reference`)."""
         return self._encode(text, fast=True)
 
+    def encode_array(self, text: str, dtype=np.uint32) -> np.ndarray:
+        """`encode` as a numpy array. On the fast path the ids come out of tiktoken as a buffer and never
+        become Python ints, which spares about a tenth of the time of encoding a corpus into shards."""
+        tt = self._tiktoken()
+        if tt is None:
+            return np.asarray(self.encode(text), dtype=dtype)
+        out = []
+        for k, part in enumerate(split_specials(text, self._special_re)):
+            if k % 2:
+                out.append(np.array([self._specials[part]], dtype=dtype))
+            elif part:
+                part = normalize_uncased(part) if self.uncased else part
+                try:
+                    ids = tt.encode_to_numpy(part, allowed_special=set(), disallowed_special=())
+                except UnicodeEncodeError:  # lone surrogates, read as U+FFFD as `encode` does
+                    part = part.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+                    ids = tt.encode_to_numpy(part, allowed_special=set(), disallowed_special=())
+                out.append(ids.astype(dtype, copy=False))
+        return out[0] if len(out) == 1 else np.concatenate(out) if out else np.zeros(0, dtype=dtype)
+
     def encode_reference(self, text: str) -> list[int]:
         """Token ids of `text` computed in plain Python: slow, but easy to read and check."""
         return self._encode(text, fast=False)
