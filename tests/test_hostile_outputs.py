@@ -121,3 +121,15 @@ def test_an_output_file_that_is_a_folder_is_one_line(run, tmp_path, capsys):
     folder.mkdir()
     err = one_line_error(capsys, ["attention", "--checkpoint", run, "--prompt", "ab", "--out", folder])
     assert "is a folder" in err
+
+
+def test_dataset_cache_is_readable_by_others_under_umask_022(corpus, tmp_path):
+    from scratchlm.data.sources import get_dataset
+
+    old = os.umask(0o022)
+    try:
+        split = get_dataset(corpus, progress=False)
+    finally:
+        os.umask(old)
+    for f in split.train.parent.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

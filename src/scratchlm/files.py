@@ -39,7 +39,7 @@ def _replacing(path: Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        give_usual_mode(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -69,6 +69,12 @@ def _umask() -> int:
     return mask
 
 
+def give_usual_mode(path: Path) -> None:
+    """The permissions open() or mkdir() would have given `path` (0666 or 0777 less the umask), for what
+    mkstemp or mkdtemp made private (0600, 0700) and is about to be renamed into place for others to read."""
+    os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~_umask())
+
+
 def make_dir(path: Path) -> None:
     """mkdir -p that names the culprit when a file stands where a folder should be."""
     path = Path(path)
@@ -94,7 +100,7 @@ def atomic_dir(dest: Path, replace: bool = True) -> Iterator[Path]:
     make_dir(dest.parent)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())
+        give_usual_mode(tmp)
         yield tmp
         old = None
         if dest.exists():

@@ -31,6 +31,7 @@ from typing import BinaryIO
 
 from scratchlm.data.dialogues import DIALOGUE_SPLIT, DIALOGUES, build_dialogues
 from scratchlm.errors import UserError
+from scratchlm.files import give_usual_mode
 from scratchlm.fetch import (
     HF_SYNTAX,
     cache_dir,
@@ -151,6 +152,7 @@ def _materialise(dest: Path, build: Callable[[BinaryIO, BinaryIO], None]) -> Non
             fh.flush()
             os.fsync(fh.fileno())
             fh.close()
+            give_usual_mode(tmp)
             os.replace(tmp, dest / name)
     finally:
         for fh, tmp in tmps.values():
