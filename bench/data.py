@@ -175,11 +175,12 @@ def child_tok_ours(a) -> dict:
 def child_tok_hf(a) -> dict:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from scratchlm.data.prepare import _sample, open_source
+    from scratchlm.data.prepare import open_source, sample_batches
 
     cfg = _data_config(a.corpus, a.vocab, a.sample, a.cores)
     stats: dict = {}
-    texts = (t for batch in _sample(open_source(cfg, progress=False), cfg.tokenizer_sample_bytes, stats) for t in batch)
+    texts = (t for batch in sample_batches(open_source(cfg, progress=False), cfg.tokenizer_sample_bytes, stats)
+             for t in batch)
     start = time.perf_counter()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -426,3 +426,18 @@ def test_real_dialogue_packages(shared_cache, monkeypatch):
     for name in ("chitchat", "chatterbot"):
         split = sources.get_dataset(name, progress=False)
         assert split.train_bytes > 5 * split.val_bytes > 0
+
+
+def test_seed_corpora_are_hf_specs_that_fail_offline_in_one_line(monkeypatch):
+    if importlib.util.find_spec("datasets") is None:
+        pytest.skip("datasets not installed")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(fetch, "hub_unreachable", lambda timeout=5.0: "Name or service not known")
+    for name, corpus in sources.CORPORA.items():
+        assert corpus.spec.startswith("hf:") and corpus.text_field and corpus.licence
+        with pytest.raises(UserError) as err:
+            sources.get_dataset(name, progress=False)
+        assert str(err.value) == (f"cannot fetch {corpus.spec} from the Hugging Face Hub (no internet?): "
+                                  f"Name or service not known")
+    with pytest.raises(UserError, match="Did you mean 'tinystories'"):
+        sources.get_dataset("tinystory", progress=False)

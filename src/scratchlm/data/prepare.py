@@ -74,12 +74,13 @@ def validation_rule(source: Source, val_tokens: int) -> str:
     if isinstance(source, SplitSource):
         return f"the dataset's own validation split (its val.txt, as `scratchlm data get` makes it), {cap}"
     n = source.val_every
-    return (f"every {n}th record (records {n - 1}, {2 * n - 1}, ... counting from 0), {cap}; held-out records "
+    nth = f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+    return (f"every {nth} record (records {n - 1}, {2 * n - 1}, ... counting from 0), {cap}; held-out records "
             f"past the cap are used for neither split")
 
 
 # ----------------------------------------------------------------------------- the tokenizer
-def _sample(source: Source, limit: int, stats: dict):
+def sample_batches(source: Source, limit: int, stats: dict):
     """Batches of the texts of the first train documents of `source`, until `limit` UTF-8 bytes (reached
     at the end of an item: a document, or a piece of about a megabyte of a long one)."""
     stats.update(documents=0, bytes=0, records=0, files=0)
@@ -118,7 +119,7 @@ def train_on_sample(source: Source, cfg: DataConfig, out_dir: Path, progress: bo
                disable=not progress, file=sys.stderr, delay=1.0)
 
     def counted():
-        for batch in _sample(source, cfg.tokenizer_sample_bytes, stats):
+        for batch in sample_batches(source, cfg.tokenizer_sample_bytes, stats):
             bar.update(stats["bytes"] - bar.n)
             yield batch
         bar.close()  # before the merges' own bar

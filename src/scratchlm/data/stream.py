@@ -105,7 +105,8 @@ class Source:
                 if not part:
                     yield Item(text, True, file, r, 0, done())
             else:
-                for p, piece in enumerate(pieces([text], self.specials)):
+                chunks = (text[i:i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS))
+                for p, piece in enumerate(pieces(chunks, self.specials)):
                     if p >= part:
                         yield Item(piece, p == 0, file, r, p, done())
             part = 0
