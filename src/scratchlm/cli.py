@@ -23,11 +23,19 @@ def cmd_data_list(a):
     from scratchlm.data.sources import format_dataset_table
 
     print(format_dataset_table())
+    from scratchlm.eval.bigbench import DESCRIPTION
+
+    print(DESCRIPTION)
 
 
 def cmd_data_get(a):
     from scratchlm.data.sources import get_dataset
 
+    if a.name == "bigbench":
+        from scratchlm.eval.bigbench import fetch_for_cli
+
+        print(fetch_for_cli(a.out))
+        return
     split = get_dataset(a.name)
     train, val = split.train, split.val
     if a.out:

@@ -6,6 +6,7 @@ download lands in one cache, is named by one key function, and fails offline wit
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import re
@@ -100,13 +101,16 @@ def fetch_url(url: str, dest: Path, *, sha256: str | None = None, progress: bool
             with open(part, "ab" if have else "wb") as out, \
                     tqdm(total=total or None, initial=have, unit="B", unit_scale=True, disable=not progress,
                          desc=dest.name) as bar:
+                why = None
                 try:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
                         bar.update(len(chunk))
-                except (OSError, urllib.error.URLError) as e:
-                    raise UserError(f"download of {url} stopped at {out.tell():,} bytes ({first_line(e)}); "
-                                    "run the command again to resume") from None
+                except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+                    why = first_line(e)
+                if why or out.tell() < total:  # a connection closed early can also look like a clean end
+                    raise UserError(f"download of {url} stopped at {out.tell():,} of {total:,} bytes "
+                                    f"({why or 'connection closed'}); run the command again to resume")
     if sha256:
         h = hashlib.sha256()
         with open(part, "rb") as f:

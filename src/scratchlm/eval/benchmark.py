@@ -12,7 +12,7 @@ A `Task` is a list of examples and a way to turn example i, shown after the exam
     generate   one prompt and reference answers: the greedy continuation, reduced by the task's
                `answer` function, must equal one of them
 
-Few-shot examples are drawn for each example with `random.Random(seed + index)` from the other examples
+Few-shot examples are drawn for each example with `random.Random(f"{seed}/{index}")` from the other examples
 of its pool (its subtask), never the example itself. `--limit N` scores a fixed sample of N examples,
 drawn with `random.Random(seed)`. Every example's prompt, choices, scores, pick and gold go to the
 per-example rows, so any accuracy can be audited line by line.
@@ -95,7 +95,7 @@ def shots_for(task: Task, members: dict[int, list[int]], index: int, k: int, see
     if len(pool) <= k:
         raise UserError(f"{task.source}: --shots {k} needs {k + 1} examples in a task (or subtask); "
                         f"{task.name} has {len(pool)}")
-    picked = [j for j in random.Random(seed + index).sample(pool, k + 1) if j != index]
+    picked = [j for j in random.Random(f"{seed}/{index}").sample(pool, k + 1) if j != index]
     return picked[:k]
 
 

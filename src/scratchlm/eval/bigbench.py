@@ -38,6 +38,8 @@ SDIST_URL = ("https://files.pythonhosted.org/packages/95/f8/c019b3579df548a04cac
 SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
 TASKS_IN = "bigbench/benchmark_tasks"
 INDEX = "tasks.txt"          # written last: its presence says the folder is complete
+DESCRIPTION = (f"Evaluation tasks: bigbench, BIG-bench's 1,041 task files (PyPI sdist bigbench=={VERSION}, a 358 MB "
+               "download once); score them with scratchlm eval --task bigbench:NAME or --suite core6")
 
 # Every metric BIG-bench defines; of these scratchlm computes the first two, and skips the others.
 SCORED = ("multiple_choice_grade", "exact_str_match")
@@ -83,6 +85,14 @@ def fetch(progress: bool = True) -> Path:
     archive.unlink()
     say(progress, f"{len(names)} BIG-bench task files in {root}")
     return root
+
+
+def fetch_for_cli(out: str | None) -> str:
+    """`scratchlm data get bigbench`: fetch, and say where the task files are."""
+    if out:
+        raise UserError("--out: BIG-bench's task files stay in the cache; scratchlm eval reads them from there")
+    root = fetch()
+    return f"{len(task_names(root))} BIG-bench task files in {root} (score one with scratchlm eval --task bigbench:NAME)"
 
 
 def download(progress: bool) -> Path:
