@@ -517,3 +517,18 @@ def test_numbers_in_the_table(tmp_path):
     line = report.table(doc).splitlines()[2].split()
     assert line == ["t", "choice", "3", "10", "55.0%", "25.0%", "+0.400", "1", "12.0s"]
     assert runner.label_of("core6", ["bigbench:cs_algorithms/lcs", "x/my.json"]) == "core6_cs_algorithms_lcs_my"
+
+
+def test_text_the_model_cannot_read_is_one_line(tmp_path):
+    # A token past the model's embeddings (here a special token; after `scratchlm convert`, a byte the source
+    # vocabulary lacked) used to end in an IndexError from the embedding.
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [], ["<eos>"])
+    model = tiny_model()
+    path = tmp_path / "lm.jsonl"
+    path.write_text(json.dumps({"context": "a", "continuation": "b"}) + "\n" +
+                    json.dumps({"context": "x <eos> y", "continuation": "z"}) + "\n")
+    with pytest.raises(UserError, match=f"^{path}: example 1: its text holds b'<eos>', which the model has no token for$"):
+        benchmark.run_task(model, tok, core.jsonl_task(path), progress=False)
+    gen = task_file(tmp_path, {**GEN_TASK, "examples": [{"input": "1 <eos>", "target": "2"}]})
+    with pytest.raises(UserError, match="example 0: its text holds b'<eos>'"):
+        benchmark.run_task(model, tok, bigbench.load(str(gen), seed=0)[0], progress=False)

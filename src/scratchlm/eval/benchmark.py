@@ -26,7 +26,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from scratchlm.errors import UserError
-from scratchlm.eval.loglik import ContinuationTooLong, empty_prompt, encode_pair, greedy_completions, loglikelihoods
+from scratchlm.eval.loglik import (
+    ContinuationTooLong,
+    OutsideVocabulary,
+    empty_prompt,
+    encode_pair,
+    greedy_completions,
+    loglikelihoods,
+)
 
 DEFAULT_SEED = 1234
 
@@ -163,6 +170,8 @@ def _likelihoods(model, tokenizer, task: Task, items: Sequence[Item], indices: S
     except ContinuationTooLong as e:
         raise UserError(f"{task.source}: example {indices[owner[e.index]]}: field {task.field!r}: a continuation of "
                         f"{e.tokens} tokens is longer than the model's context ({e.window})") from None
+    except OutsideVocabulary as e:
+        raise unreadable(task, indices[owner[e.index]], tokenizer, e) from None
     rows, at = [], 0
     for item, index in zip(items, indices):
         mine = scores[at:at + len(_pairs(item))]
@@ -190,12 +199,20 @@ def _likelihoods(model, tokenizer, task: Task, items: Sequence[Item], indices: S
     return rows
 
 
+def unreadable(task: Task, index: int, tokenizer, e: OutsideVocabulary) -> UserError:
+    return UserError(f"{task.source}: example {index}: its text holds "
+                     f"{tokenizer.decode_bytes([e.token], errors='replace')!r}, which the model has no token for")
+
+
 def _generate(model, tokenizer, task: Task, items: Sequence[Item], indices: Sequence[int], batch: int,
               bar) -> list[dict]:
     prompts = [tokenizer.encode(it.contexts[0]) or empty_prompt(tokenizer) for it in items]
     # A reply longer than any reference can still hold one (a regex picks it out), but not much longer.
     longest = task.max_new_tokens or 8 + max(len(tokenizer.encode(r)) for it in items for r in it.continuations)
-    texts, cuts = greedy_completions(model, tokenizer, prompts, task.stop, longest, batch=batch, on_done=bar.update)
+    try:
+        texts, cuts = greedy_completions(model, tokenizer, prompts, task.stop, longest, batch=batch, on_done=bar.update)
+    except OutsideVocabulary as e:
+        raise unreadable(task, indices[e.index], tokenizer, e) from None
     rows = []
     for item, index, text, cut in zip(items, indices, texts, cuts):
         reply = task.answer(text) if task.answer else text

@@ -26,7 +26,15 @@ except ImportError as e:  # pragma: no cover - depends on what is installed
     raise ImportError("the lm-evaluation-harness bridge needs lm-eval: pip install 'scratchlm[eval]'") from e
 
 from scratchlm.errors import UserError
-from scratchlm.eval.loglik import empty_prompt, encode_pair, greedy_completions, loglikelihoods, rolling_pairs
+from scratchlm.eval.loglik import (
+    ContinuationTooLong,
+    OutsideVocabulary,
+    empty_prompt,
+    encode_pair,
+    greedy_completions,
+    loglikelihoods,
+    rolling_pairs,
+)
 
 NAME = "scratchlm"
 
@@ -52,6 +60,12 @@ class ScratchLM(LM):
     def max_length(self) -> int:
         return self.model.config.context
 
+    def _score(self, pairs, bar):
+        try:
+            return loglikelihoods(self.model, pairs, max_batch=self.batch, on_done=lambda done: bar.update(len(done)))
+        except (ContinuationTooLong, OutsideVocabulary) as e:
+            raise UserError(f"lm-eval {e}") from None
+
     def _requests(self, requests, what: str, disable_tqdm: bool):
         from tqdm import tqdm
 
@@ -61,7 +75,7 @@ class ScratchLM(LM):
         pairs = [encode_pair(self.tokenizer, context, continuation) for context, continuation in
                  (r.args for r in requests)]
         with self._requests(requests, "loglikelihood", disable_tqdm) as bar:
-            scores = loglikelihoods(self.model, pairs, max_batch=self.batch, on_done=lambda done: bar.update(len(done)))
+            scores = self._score(pairs, bar)
         out = [(s.logprob, s.greedy) for s in scores]
         for r, result in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood", r.args, result)
@@ -75,7 +89,7 @@ class ScratchLM(LM):
             pairs += mine
             owner += [n] * len(mine)
         with self._requests(pairs, "loglikelihood_rolling", disable_tqdm) as bar:
-            scores = loglikelihoods(self.model, pairs, max_batch=self.batch, on_done=lambda done: bar.update(len(done)))
+            scores = self._score(pairs, bar)
         totals = [0.0] * len(requests)
         for n, s in zip(owner, scores):
             totals[n] += s.logprob
@@ -91,8 +105,11 @@ class ScratchLM(LM):
         with self._requests(requests, "generate_until", disable_tqdm) as bar:
             for (until, max_new), members in groups.items():
                 prompts = [self.tokenizer.encode(requests[n].args[0]) or empty_prompt(self.tokenizer) for n in members]
-                texts, _ = greedy_completions(self.model, self.tokenizer, prompts, until, max_new, batch=self.batch,
-                                              on_done=bar.update)
+                try:
+                    texts, _ = greedy_completions(self.model, self.tokenizer, prompts, until, max_new, batch=self.batch,
+                                                  on_done=bar.update)
+                except OutsideVocabulary as e:
+                    raise UserError(f"lm-eval {e}") from None
                 for n, text in zip(members, texts):
                     out[n] = text
                     self.cache_hook.add_partial("generate_until", requests[n].args, text)

@@ -42,6 +42,29 @@ class ContinuationTooLong(ValueError):
         self.index, self.tokens, self.window = index, tokens, window
 
 
+class OutsideVocabulary(ValueError):
+    """A token the model has no embedding for: a byte its source vocabulary lacked (`scratchlm convert`
+    gives such bytes ids past the model's), which the model cannot read."""
+
+    def __init__(self, index: int, token: int, tokenizer=None):
+        what = f"token {token}"
+        if tokenizer is not None:
+            what = repr(tokenizer.decode_bytes([token], errors="replace"))
+        super().__init__(f"request {index}: {what} is a token the model has no embedding for")
+        self.index, self.token, self.what = index, token, what
+
+
+def check_vocabulary(model, sequences: Sequence[Sequence[int]], tokenizer=None) -> None:
+    """OutsideVocabulary for the first sequence holding a token past the model's embedding table."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if vocab is None:
+        return
+    for i, ids in enumerate(sequences):
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OutsideVocabulary(i, bad, tokenizer)
+
+
 def empty_prompt(tokenizer) -> list[int]:
     """What a model reads when there is nothing before: `<bos>`, or a line break for a tokenizer without it."""
     from scratchlm.infer.prompt import plain_prompt
@@ -90,6 +113,7 @@ def loglikelihoods(model: torch.nn.Module, pairs: Sequence[Pair], *, batch_token
     positions. `on_done` hears the indices of the pairs each batch finished. A model without a KV cache
     (`new_cache`) reads each pair whole instead."""
     window = model.config.context
+    check_vocabulary(model, [list(ctx) + list(cont) for ctx, cont in pairs])
     fitted, cuts = [], []
     for i, (ctx, cont) in enumerate(pairs):
         if not ctx or not cont:
@@ -192,6 +216,7 @@ def greedy_completions(model: torch.nn.Module, tokenizer, prompts: Sequence[Sequ
     from scratchlm.infer.prompt import end_ids
     from scratchlm.infer.sampling import MAX_STOP_STRINGS, SamplingParams
 
+    check_vocabulary(model, prompts, tokenizer)
     room = max(1, model.config.context - max_new_tokens)
     kept = [list(p[-room:]) for p in prompts]
     cuts = [len(p) - len(k) for p, k in zip(prompts, kept)]

@@ -230,27 +230,32 @@ def _choice_pairs(tokenizer, item: Choice) -> list[tuple[list[int], list[int]]]:
     return [encode_pair(tokenizer, item.context, c) for c in item.choices]
 
 
-def _too_long(item: Choice, e) -> UserError:
-    return UserError(f"{item.where or f'line {item.line}'}: a choice of {e.tokens} tokens is longer than the model's "
-                     f"context ({e.window})")
+def _too_long(item: Choice, e, tokenizer) -> UserError:
+    from scratchlm.eval.loglik import OutsideVocabulary
+
+    where = item.where or f"line {item.line}"
+    if isinstance(e, OutsideVocabulary):
+        return UserError(f"{where}: the text holds {tokenizer.decode_bytes([e.token], errors='replace')!r}, which the "
+                         "model has no token for")
+    return UserError(f"{where}: a choice of {e.tokens} tokens is longer than the model's context ({e.window})")
 
 
 def choice_logprobs(model, tokenizer, item: Choice) -> list[float]:
     """Sum of log P(choice tokens | context) for each choice, split into tokens as lm-evaluation-harness
     splits them (eval/loglik.py): the context's trailing whitespace goes with the choice, so that
     "Answer: " + "Paris" is read as "Answer:" + " Paris", as in running text."""
-    from scratchlm.eval.loglik import ContinuationTooLong, loglikelihoods
+    from scratchlm.eval.loglik import ContinuationTooLong, OutsideVocabulary, loglikelihoods
 
     try:
         return [s.logprob for s in loglikelihoods(model, _choice_pairs(tokenizer, item))]
-    except ContinuationTooLong as e:
-        raise _too_long(item, e) from None
+    except (ContinuationTooLong, OutsideVocabulary) as e:
+        raise _too_long(item, e, tokenizer) from None
 
 
 def score_choices(model, tokenizer, items: Sequence[Choice]) -> tuple[dict, list[dict]]:
     """Accuracy by the likeliest choice, and by the likeliest per UTF-8 byte of the choice. Every item is
     scored in one pass of batches, the choices of an item sharing the prefill of its context."""
-    from scratchlm.eval.loglik import ContinuationTooLong, loglikelihoods
+    from scratchlm.eval.loglik import ContinuationTooLong, OutsideVocabulary, loglikelihoods
 
     pairs, owner = [], []
     for n, item in enumerate(items):
@@ -259,8 +264,8 @@ def score_choices(model, tokenizer, items: Sequence[Choice]) -> tuple[dict, list
         owner += [n] * len(mine)
     try:
         scores = loglikelihoods(model, pairs)
-    except ContinuationTooLong as e:
-        raise _too_long(items[owner[e.index]], e) from None
+    except (ContinuationTooLong, OutsideVocabulary) as e:
+        raise _too_long(items[owner[e.index]], e, tokenizer) from None
     correct = correct_norm = 0
     details, at = [], 0
     for item in items:
