@@ -446,8 +446,11 @@ def test_suite_core_reads_the_dclm_bundle(tmp_path, monkeypatch):
                                                                          "gold": 0}) + "\n" for i in range(3)))
         z.writestr("eval_bundle/eval_data/b/lm.jsonl", json.dumps({"context": "c", "continuation": "d"}) + "\n")
         z.writestr("eval_bundle/../../escape.jsonl", "{}")
-    monkeypatch.setattr(fetch, "fetch_url", lambda url, dest, **kw: bundle)
+    fetched = []
+    monkeypatch.setattr(fetch, "fetch_url", lambda url, dest, **kw: fetched.append(url) or bundle)
     mc, lm = core.suite("core", seed=0)
+    assert fetched == [core.BUNDLE_URL] and not bundle.exists()       # extracted, then the archive goes
+    assert [t.name for t in core.suite("core", seed=0)] == ["tiny_mc", "tiny_lm"] and len(fetched) == 1
     assert (mc.name, mc.shots, mc.chance, lm.name, lm.shots, lm.chance) == ("tiny_mc", 1, 0.25, "tiny_lm", 0, None)
     assert mc.render(0, [2]).contexts == ["q2\nAnswer: a\n\nq0\nAnswer: "]
     assert not (fetch.cache_dir().parent / "escape.jsonl").exists()

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--suite", choices=["core6", "core"],
                    help="core6: CORE's six BIG-bench tasks, offline; core: all 22 from the DCLM bundle (internet)")
     s.add_argument("--shots", type=int, help="examples shown before each question (default: each task's own)")
-    s.add_argument("--limit", type=int, help="score a fixed sample of N examples per task (default: 100 with "
+    s.add_argument("--limit", type=int, help="score a fixed sample of N examples per task (default: 50 with "
                    "--suite, else all; 0: all)")
     s.add_argument("--seed", type=int, default=1234, help="fixes the --limit sample and the shots (default 1234)")
     s.add_argument("--compare", nargs="+", metavar="RUN", help="several runs (or their summary.json) side by side")

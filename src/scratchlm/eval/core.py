@@ -217,6 +217,7 @@ def bundle_dir(progress: bool = True) -> Path:
                 dest.write_bytes(z.read(info))
         if not (tmp / "core.yaml").is_file():
             raise UserError(f"{archive} has no eval_bundle/core.yaml; delete it and retry")
+    archive.unlink()
     return root
 
 

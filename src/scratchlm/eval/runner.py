@@ -2,6 +2,7 @@
 print the table and write the summary, the per-example rows and the chart."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -9,9 +10,9 @@ from scratchlm.errors import UserError
 from scratchlm.eval import report
 from scratchlm.eval.benchmark import DEFAULT_SEED, Task, run_task
 
-# --limit when a suite is run without one: core6 on SmolLM2-135M takes a few minutes on a 2-core CPU
+# --limit when a suite is run without one: core6 on SmolLM2-135M then takes minutes, not hours, on a 2-core CPU
 # (docs/evaluation.md); --limit 0 scores every example.
-SUITE_LIMIT = 100
+SUITE_LIMIT = 50
 
 
 def is_benchmark(spec: str) -> bool:
@@ -69,8 +70,12 @@ def evaluate(checkpoint: str, suite: str | None, specs: Sequence[str], *, shots:
     for task in tasks:
         if task.note and progress:
             print(f"{task.name}: {task.note}")
-        results.append(run_task(loaded.model, loaded.tokenizer, task, shots=shots, limit=limit, seed=seed,
-                                batch=batch, progress=progress))
+        result = run_task(loaded.model, loaded.tokenizer, task, shots=shots, limit=limit, seed=seed, batch=batch,
+                          progress=progress)
+        results.append(result)
+        if progress:
+            print(f"{task.name}: accuracy {100 * result.accuracy:.1f}% on {result.examples} examples "
+                  f"({result.examples / max(result.seconds, 1e-9):.2f} examples/s)", file=sys.stderr, flush=True)
     label = label_of(suite, specs)
     doc = report.summary(results, model=str(loaded.checkpoint), suite=suite, tasks_given=list(specs), shots=shots,
                          limit=limit, seed=seed, context=loaded.model.config.context)
