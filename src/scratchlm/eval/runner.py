@@ -95,7 +95,10 @@ def compare(sources: Sequence[str], suite: str | None, specs: Sequence[str], *, 
     for src in sources:
         path = Path(src)
         if path.is_file() and path.suffix == ".json":
-            runs.append((path.parent.name, report.read_summary(path)))
+            doc = report.read_summary(path)
+            # named after its run folder (the checkpoint's grandparent), as a scored run folder is
+            model = Path(str(doc.get("model") or path))
+            runs.append((model.parent.parent.name or path.parent.name, doc))
             continue
         if not (suite or specs):
             raise UserError(f"--compare {src}: say what to score with --suite or --task (or give summary.json files)")
