@@ -236,3 +236,38 @@ def test_eval_mistakes_are_one_line(capsys, tmp_path):
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["eval", "--baseline", "ngram", "--data", "x"]) == 2
     assert "needs a tokenizer" in capsys.readouterr().err
+
+
+def test_choices_are_split_from_the_context_as_lm_evaluation_harness_splits_them():
+    # Whitespace that ends the context, a line break too, goes with each choice ("\nLove", not "Love" after
+    # "ROMEO.\n"), so that the pick matches the harness's; the numbers are the model's on the joined text.
+    from scratchlm.model.transformer import Transformer
+
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [])
+    model = Transformer(load_config(None, ["model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
+                                           "model.n_heads=2", "model.context=32"]).model).eval()
+    item = tasks.Choice(1, "ROMEO. \n", ["Love", "Qzx"], answer=0)
+    with torch.no_grad():
+        for choice, lp in zip(item.choices, tasks.choice_logprobs(model, tok, item)):
+            ids = list(("ROMEO. \n" + choice).encode())
+            logp = F.log_softmax(model(torch.tensor([ids[:-1]]))[0], dim=-1)
+            start = len("ROMEO.") - 1                     # the last context token predicts " \n" + choice
+            assert lp == pytest.approx(sum(float(logp[i, ids[i + 1]]) for i in range(start, len(ids) - 1)), abs=1e-4)
+
+
+def test_limit_scores_a_seeded_sample_not_the_first_lines(tmp_path):
+    import random
+    from types import SimpleNamespace
+
+    from scratchlm.model.transformer import Transformer
+
+    tok = Tokenizer({i: bytes([i]) for i in range(256)}, [])
+    model = Transformer(load_config(None, ["model.vocab_size=256", "model.d_model=16", "model.n_layers=1",
+                                           "model.n_heads=2", "model.context=32"]).model).eval()
+    path = tmp_path / "mc.jsonl"
+    path.write_text("".join(json.dumps({"context": f"q{i} ", "choices": ["a", "b"], "answer": i % 2}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "picks.jsonl"
+    tasks.run_task(SimpleNamespace(model=model, tokenizer=tok), path, out=str(out), limit=4, seed=5)
+    lines = [json.loads(row)["line"] for row in out.read_text().splitlines()]
+    assert lines == [i + 1 for i in sorted(random.Random(5).sample(range(12), 4))] != [1, 2, 3, 4]

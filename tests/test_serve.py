@@ -181,3 +181,110 @@ def test_a_client_that_leaves_mid_stream_does_not_hurt_the_server(server):
         sock.close()
     got = client(server).completions.create(model="tiny-chat", prompt="Hello", max_tokens=5, temperature=0)
     assert got.usage.completion_tokens <= 5
+
+
+# ---- what evaluation harnesses send: log-probabilities, echo, token ids, several prompts ----------------
+
+
+def forward_logp(srv, ids):
+    """log P(next token) at every place of `ids`, from one plain forward pass of the model."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(srv.loaded.model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def post(srv, body):
+    status, data = raw(srv, "POST", "/v1/completions", {"model": "tiny-chat", **body})
+    return status, json.loads(data)
+
+
+def test_echo_scores_the_prompt_by_hand(server):
+    tok = server.loaded.tokenizer
+    ids = tok.encode("ROMEO. Hello")
+    status, body = post(server, {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 2})
+    assert status == 200 and body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                                               "total_tokens": len(ids)}
+    choice = body["choices"][0]
+    lp, logp = choice["logprobs"], forward_logp(server, ids)
+    assert choice["text"] == "ROMEO. Hello" and lp["tokens"] == list("ROMEO. Hello")
+    assert lp["text_offset"] == list(range(len(ids))) and lp["token_logprobs"][0] is None
+    assert lp["top_logprobs"][0] is None
+    for i in range(1, len(ids)):
+        assert lp["token_logprobs"][i] == pytest.approx(float(logp[i - 1, ids[i]]), abs=1e-5)
+        values, tokens = logp[i - 1].topk(2)
+        assert lp["top_logprobs"][i] == pytest.approx({tok.decode([int(t)]): float(v) for t, v in zip(tokens, values)},
+                                                      abs=1e-5)
+    # text prompts are scored the same way; without logprobs, echo only puts the prompt in front
+    status, again = post(server, {"prompt": "ROMEO. Hello", "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert again["choices"][0]["logprobs"]["token_logprobs"] == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    want = library(server, ids, max_new_tokens=3, temperature=0, stop_ids=(tok.eos_id,))
+    status, plain = post(server, {"prompt": "ROMEO. Hello", "max_tokens": 3, "echo": True, "temperature": 0})
+    assert plain["choices"][0] == {"index": 0, "text": "ROMEO. Hello" + want.text, "logprobs": None,
+                                   "finish_reason": want.finish_reason}
+
+
+def test_logprobs_of_a_greedy_completion_through_the_openai_client(server):
+    tok = server.loaded.tokenizer
+    ids = tok.encode("Hello")
+    want = library(server, ids, max_new_tokens=6, temperature=0, stop_ids=(tok.eos_id,))
+    got = client(server).completions.create(model="tiny-chat", prompt="Hello", max_tokens=6, temperature=0, logprobs=1)
+    choice = got.choices[0]
+    assert choice.text == want.text and choice.finish_reason == want.finish_reason
+    from scratchlm.infer.generate import generate
+
+    new = generate(server.loaded.model, ids, SamplingParams(6, temperature=0, stop_ids=(tok.eos_id,)))
+    logp = forward_logp(server, ids + new)
+    assert choice.logprobs.tokens == [tok.decode([t]) for t in new]
+    assert choice.logprobs.text_offset[0] == len("Hello")
+    for i, (t, value, top) in enumerate(zip(new, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs)):
+        assert value == pytest.approx(float(logp[len(ids) + i - 1, t]), abs=1e-5)
+        assert top == {tok.decode([t]): pytest.approx(value)}      # greedy: the likeliest token is the one taken
+
+
+def test_several_prompts_come_back_in_order(server):
+    tok = server.loaded.tokenizer
+    prompts = ["Hello", tok.encode("ROMEO."), "x"]
+    status, body = post(server, {"prompt": prompts, "max_tokens": 4, "temperature": 0})
+    assert status == 200 and [c["index"] for c in body["choices"]] == [0, 1, 2]
+    for prompt, choice in zip(prompts, body["choices"]):
+        ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+        assert choice["text"] == library(server, ids, max_new_tokens=4, temperature=0, stop_ids=(tok.eos_id,)).text
+    assert body["usage"]["prompt_tokens"] == 5 + 6 + 1
+
+
+@pytest.mark.parametrize("body, param, message", [
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "between 1"),                 # 0 needs echo
+    ({"prompt": "hi", "max_tokens": 2, "logprobs": 6}, "logprobs", "between 0 and 5"),
+    ({"prompt": "hi", "max_tokens": 2, "logprobs": 1, "stream": True}, "stream", "not supported"),
+    ({"prompt": ["a", "b"], "max_tokens": 2, "stream": True}, "stream", "several prompts"),
+    ({"prompt": [1, 10**6], "max_tokens": 2}, "prompt", "token id 1000000"),
+    ({"prompt": [], "max_tokens": 2}, "prompt", "list of token ids"),
+    ({"prompt": "hi", "echo": "yes"}, "echo", "true or false"),
+    ({"prompt": "x" * 65, "max_tokens": 0, "echo": True, "logprobs": 1}, "prompt", "maximum context length is 64"),
+])
+def test_scoring_requests_that_cannot_be_served_are_refused(server, body, param, message):
+    status, answer = post(server, body)
+    assert status == 400 and answer["error"]["param"] == param and message in answer["error"]["message"]
+
+
+def test_a_prompt_as_long_as_the_context_can_be_scored(server):
+    status, body = post(server, {"prompt": "x" * 64, "max_tokens": 0, "echo": True, "logprobs": 0})
+    assert status == 200 and len(body["choices"][0]["logprobs"]["tokens"]) == 64
+    status, body = raw(server, "POST", "/v1/chat/completions", {"model": "tiny-chat", "logprobs": True,
+                                                                 "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and "use /v1/completions" in json.loads(body)["error"]["message"]
+
+
+def test_tokenizer_endpoints_for_harnesses(server):
+    tok = server.loaded.tokenizer
+    status, body = raw(server, "POST", "/tokenize", {"prompt": "Hi <eos>", "add_special_tokens": False})
+    ids = json.loads(body)["tokens"]
+    assert status == 200 and ids == tok.encode("Hi <eos>") and ids[-1] == tok.eos_id
+    status, body = raw(server, "POST", "/detokenize", {"tokens": ids})
+    assert json.loads(body) == {"prompt": "Hi <eos>"}
+    status, body = raw(server, "GET", "/tokenizer_info")
+    info = json.loads(body)
+    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<bos>" and info["model_max_length"] == 64
+    status, body = raw(server, "POST", "/detokenize", {"tokens": [10**7]})
+    assert status == 400 and json.loads(body)["error"]["param"] == "tokens"

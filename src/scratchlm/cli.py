@@ -30,11 +30,19 @@ def cmd_data_list(a):
     from scratchlm.data.sources import format_dataset_table
 
     print(format_dataset_table())
+    from scratchlm.eval.bigbench import DESCRIPTION
+
+    print(DESCRIPTION)
 
 
 def cmd_data_get(a):
     from scratchlm.data.sources import get_dataset
 
+    if a.name == "bigbench":
+        from scratchlm.eval.bigbench import fetch_for_cli
+
+        print(fetch_for_cli(a.out))
+        return
     split = get_dataset(a.name)
     train, val = split.train, split.val
     if a.out:
@@ -143,7 +151,9 @@ def cmd_serve(a):
 
 def cmd_eval(a):
     from scratchlm.eval.lm import evaluate_run, format_row, ngram_baseline, run_data
+    from scratchlm.eval.runner import is_benchmark
 
+    tasks = a.task or []
     if a.baseline:  # "ngram", the one choice
         if a.tokenizer:
             tokenizer_dir, run_source = Path(a.tokenizer), None
@@ -159,16 +169,35 @@ def cmd_eval(a):
         print(f"{a.order}-gram Kneser-Ney, trained on {row['train_tokens']:,} tokens of {source} train "
               f"(discounts {row['discounts']})")
         print(format_row(source, row))
+    elif a.compare:
+        from scratchlm.eval.runner import compare
+
+        compare(a.compare, a.suite, tasks, out=a.out, shots=a.shots, limit=a.limit, seed=a.seed, device=a.device,
+                batch=a.batch)
     elif not a.checkpoint:
         raise UserError("name a model to evaluate with --checkpoint RUN (or use --baseline ngram --tokenizer DIR)")
-    elif a.task:
+    elif a.suite or any(is_benchmark(t) for t in tasks):
+        from scratchlm.eval.runner import evaluate
+
+        plain = [t for t in tasks if not is_benchmark(t)]
+        if plain:
+            raise UserError(f"--task {plain[0]}: a file of questions and answers is scored on its own; give it "
+                            "without --suite and benchmark tasks")
+        evaluate(a.checkpoint, a.suite, tasks, shots=a.shots, limit=a.limit, seed=a.seed, out=a.out, device=a.device,
+                 batch=a.batch)
+    elif tasks:
         from scratchlm.eval.tasks import run_task
         from scratchlm.loading import load
         from scratchlm.runtime import pick_device
 
-        if a.batch < 1 or a.limit < 0:
-            raise UserError(f"--batch {a.batch} --limit {a.limit}: give a batch >= 1 and a limit >= 0 (0: all)")
-        run_task(load(a.checkpoint, pick_device(a.device)), Path(a.task), a.max_new_tokens, a.batch, a.out, a.limit)
+        limit = a.limit or 0
+        if a.batch < 1 or limit < 0:
+            raise UserError(f"--batch {a.batch} --limit {limit}: give a batch >= 1 and a limit >= 0 (0: all)")
+        if len(tasks) > 1 and a.out:
+            raise UserError("--out names one file of results; give one question-and-answer --task at a time")
+        loaded = load(a.checkpoint, pick_device(a.device))
+        for task in tasks:
+            run_task(loaded, Path(task), a.max_new_tokens, a.batch, a.out, limit, a.seed)
     else:
         source, rows = evaluate_run(a.checkpoint, a.data, a.context, a.batch, a.max_tokens, a.device)
         for row in rows:
@@ -361,10 +390,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-tokens", type=int, default=0, help="score only the first N validation tokens (0: all)")
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--device", default="auto", help=DEVICES)
-    s.add_argument("--task", metavar="FILE.jsonl", help="Q&A / instruction (generated, scored) or multiple-choice file")
-    s.add_argument("--max-new-tokens", type=int, default=64, help="with --task: the longest answer")
-    s.add_argument("--limit", type=int, default=0, help="with --task: only the first N examples")
-    s.add_argument("--out", help="with --task: write each example's result to this JSONL file")
+    s.add_argument("--task", action="append", metavar="TASK",
+                   help="repeatable: bigbench:NAME, a BIG-bench task.json, a JSONL file in one of CORE's kinds, or a "
+                        "JSONL file of questions and answers (generated, scored) or multiple choice")
+    s.add_argument("--suite", choices=["core6", "core"],
+                   help="core6: CORE's six BIG-bench tasks, offline; core: all 22 from the DCLM bundle (internet)")
+    s.add_argument("--shots", type=int, help="examples shown before each question (default: each task's own)")
+    s.add_argument("--limit", type=int, help="score a fixed sample of N examples per task (default: 50 with "
+                   "--suite, else all; 0: all)")
+    s.add_argument("--seed", type=int, default=1234, help="fixes the --limit sample and the shots (default 1234)")
+    s.add_argument("--compare", nargs="+", metavar="RUN", help="several runs (or their summary.json) side by side")
+    s.add_argument("--max-new-tokens", type=int, default=64, help="with a question-and-answer --task: the longest answer")
+    s.add_argument("--out", help="benchmarks: the results folder (default RUN/eval/NAME); a question-and-answer "
+                   "--task: a JSONL file of each example's result")
     s.add_argument("--baseline", choices=["ngram"], help="score an n-gram model instead of a checkpoint")
     s.add_argument("--order", type=int, default=3, help="with --baseline ngram: n (default 3)")
     s.add_argument("--discount", type=float, help="with --baseline ngram: a fixed Kneser-Ney discount in (0, 1]")

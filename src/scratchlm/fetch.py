@@ -1,4 +1,4 @@
-"""Getting things from outside: the cache folder, packages from PyPI, the Hugging Face Hub.
+"""Getting things from outside: the cache folder, packages from PyPI, files by URL, the Hugging Face Hub.
 
 Data and SFT sources, the GPT-2 vocabulary and anything else that downloads come through here, so every
 download lands in one cache, is named by one key function, and fails offline with one clear line.
@@ -6,6 +6,7 @@ download lands in one cache, is named by one key function, and fails offline wit
 from __future__ import annotations
 
 import hashlib
+import http.client
 import importlib.util
 import os
 import re
@@ -69,6 +70,58 @@ def pip_fetch(spec: str, root: Path, *, sdist: bool, progress: bool) -> Path:
                             f"python -m pip download --no-deps {' '.join(fmt)} {spec} -d {dl}")
         os.replace(files[0], dl / files[0].name)  # same filesystem: a partial file is never visible
     return dl / files[0].name
+
+
+def fetch_url(url: str, dest: Path, *, sha256: str | None = None, progress: bool) -> Path:
+    """Download `url` to `dest` once, for files pip cannot fetch. An interrupted download resumes where it
+    stopped (HTTP Range) on the next call; the file takes its name only once complete and, given `sha256`,
+    checked. urllib honours the usual proxy variables."""
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".partial")
+    have = part.stat().st_size if part.is_file() else 0
+    say(progress, f"downloading {url}" + (f" (resuming at {have:,} bytes)" if have else ""))
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as e:
+        if e.code != 416 or not have:  # 416: nothing left past `have`, the partial file is whole
+            raise UserError(f"cannot download {url} (HTTP {e.code} {e.reason})") from None
+        response = None
+    except (urllib.error.URLError, OSError) as e:
+        raise UserError(f"cannot download {url} (no internet?): {getattr(e, 'reason', e)}") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:  # the server ignored the range: start again
+                have = 0
+            total = have + int(response.headers.get("Content-Length") or 0)
+            from tqdm import tqdm
+
+            with open(part, "ab" if have else "wb") as out, \
+                    tqdm(total=total or None, initial=have, unit="B", unit_scale=True, disable=not progress,
+                         desc=dest.name) as bar:
+                why = None
+                try:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+                        bar.update(len(chunk))
+                except (OSError, urllib.error.URLError, http.client.HTTPException) as e:
+                    why = first_line(e)
+                if why or out.tell() < total:  # a connection closed early can also look like a clean end
+                    raise UserError(f"download of {url} stopped at {out.tell():,} of {total:,} bytes "
+                                    f"({why or 'connection closed'}); run the command again to resume")
+    if sha256:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            while block := f.read(1 << 20):
+                h.update(block)
+        if h.hexdigest() != sha256:
+            part.unlink()
+            raise UserError(f"{url} arrived with SHA-256 {h.hexdigest()[:16]}..., not {sha256[:16]}...; "
+                            "deleted it, run the command again")
+    os.replace(part, dest)
+    return dest
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:

@@ -25,11 +25,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 
 from scratchlm.errors import UserError
-from scratchlm.runtime import eval_mode
 
 REFERENCE_FIELDS = ("answer", "answers", "output", "completion", "response")
 _PUNCTUATION = set(string.punctuation)
@@ -227,62 +224,71 @@ def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_toke
             for a, e in zip(answers, examples)]
 
 
-@torch.no_grad()
-def choice_logprobs(model, tokenizer, item: Choice) -> list[float]:
-    """Sum of log P(choice tokens | context) for each choice. A context's trailing spaces go with the
-    choice, so that "Answer: " + "Paris" is tokenised as "Answer:" + " Paris", as in running text."""
-    from scratchlm.chat.template import encode_text
-    from scratchlm.infer.prompt import plain_prompt
+def _choice_pairs(tokenizer, item: Choice) -> list[tuple[list[int], list[int]]]:
+    from scratchlm.eval.loglik import encode_pair
 
-    context, choices = item.context, item.choices
-    trail = len(context) - len(context.rstrip(" "))
-    context, choices = context[:len(context) - trail], [" " * trail + c for c in choices]
-    ctx = encode_text(tokenizer, context) if context else []
-    if not ctx:
-        ctx, _ = plain_prompt(tokenizer, "")  # what an empty prompt starts from
-    window = model.config.context
-    rows, spans = [], []
-    for c in choices:
-        ids = encode_text(tokenizer, c)
-        if len(ids) > window:
-            raise UserError(f"{item.where or f'line {item.line}'}: a choice of {len(ids)} tokens is longer than the model's "
-                            f"context ({window})")
-        full = (ctx + ids)[-(window + 1):]       # the oldest context tokens go first when it is too long
-        rows.append(full)
-        spans.append(len(ids))
-    width = max(len(r) for r in rows) - 1
-    device = next(model.parameters()).device
-    # Right padding: a causal model's earlier positions never see it.
-    x = torch.tensor([r[:-1] + [0] * (width - len(r) + 1) for r in rows], device=device)
-    logp = F.log_softmax(model(x).float(), dim=-1)
-    out = []
-    for i, (r, n) in enumerate(zip(rows, spans)):
-        targets = torch.tensor(r[-n:], device=device)
-        positions = torch.arange(len(r) - 1 - n, len(r) - 1, device=device)
-        out.append(float(logp[i, positions, targets].sum()))
-    return out
+    return [encode_pair(tokenizer, item.context, c) for c in item.choices]
+
+
+def _too_long(item: Choice, e, tokenizer) -> UserError:
+    from scratchlm.eval.loglik import OutsideVocabulary
+
+    where = item.where or f"line {item.line}"
+    if isinstance(e, OutsideVocabulary):
+        return UserError(f"{where}: the text holds {tokenizer.decode_bytes([e.token], errors='replace')!r}, which the "
+                         "model has no token for")
+    return UserError(f"{where}: a choice of {e.tokens} tokens is longer than the model's context ({e.window})")
+
+
+def choice_logprobs(model, tokenizer, item: Choice) -> list[float]:
+    """Sum of log P(choice tokens | context) for each choice, split into tokens as lm-evaluation-harness
+    splits them (eval/loglik.py): the context's trailing whitespace goes with the choice, so that
+    "Answer: " + "Paris" is read as "Answer:" + " Paris", as in running text."""
+    from scratchlm.eval.loglik import ContinuationTooLong, OutsideVocabulary, loglikelihoods
+
+    try:
+        return [s.logprob for s in loglikelihoods(model, _choice_pairs(tokenizer, item))]
+    except (ContinuationTooLong, OutsideVocabulary) as e:
+        raise _too_long(item, e, tokenizer) from None
 
 
 def score_choices(model, tokenizer, items: Sequence[Choice]) -> tuple[dict, list[dict]]:
+    """Accuracy by the likeliest choice, and by the likeliest per UTF-8 byte of the choice. Every item is
+    scored in one pass of batches, the choices of an item sharing the prefill of its context."""
+    from scratchlm.eval.loglik import ContinuationTooLong, OutsideVocabulary, loglikelihoods
+
+    pairs, owner = [], []
+    for n, item in enumerate(items):
+        mine = _choice_pairs(tokenizer, item)
+        pairs += mine
+        owner += [n] * len(mine)
+    try:
+        scores = loglikelihoods(model, pairs)
+    except (ContinuationTooLong, OutsideVocabulary) as e:
+        raise _too_long(items[owner[e.index]], e, tokenizer) from None
     correct = correct_norm = 0
-    details = []
-    with eval_mode(model):
-        for item in items:
-            lps = choice_logprobs(model, tokenizer, item)
-            norm = [lp / max(1, len(c.encode("utf-8"))) for lp, c in zip(lps, item.choices)]
-            pick, pick_norm = max(range(len(lps)), key=lps.__getitem__), max(range(len(norm)), key=norm.__getitem__)
-            correct += pick == item.answer
-            correct_norm += pick_norm == item.answer
-            details.append({"line": item.line, "answer": item.answer, "pick": pick, "pick_norm": pick_norm,
-                            "logprobs": lps})
+    details, at = [], 0
+    for item in items:
+        lps = [s.logprob for s in scores[at:at + len(item.choices)]]
+        at += len(item.choices)
+        norm = [lp / max(1, len(c.encode("utf-8"))) for lp, c in zip(lps, item.choices)]
+        pick, pick_norm = max(range(len(lps)), key=lps.__getitem__), max(range(len(norm)), key=norm.__getitem__)
+        correct += pick == item.answer
+        correct_norm += pick_norm == item.answer
+        details.append({"line": item.line, "context": item.context, "choices": item.choices, "answer": item.answer,
+                        "pick": pick, "pick_norm": pick_norm, "logprobs": lps})
     n = len(items)
     return {"accuracy": 100 * correct / n, "accuracy_norm": 100 * correct_norm / n, "examples": n}, details
 
 
 def run_task(loaded, path: Path, max_new_tokens: int = 64, batch: int = 16, out: str | None = None,
-             limit: int = 0) -> dict:
-    """Score a checkpoint on a task file, print the scores, and write each example's result to `out`."""
-    items = read_task(path)[:limit or None]
+             limit: int = 0, seed: int = 1234) -> dict:
+    """Score a checkpoint on a task file (or a fixed sample of `limit` of its examples), print the scores,
+    and write each example's result to `out`."""
+    from scratchlm.eval.benchmark import sample
+
+    items = read_task(path)
+    items = [items[i] for i in sample(len(items), limit, seed)]
     if isinstance(items[0], Choice):
         scores, details = score_choices(loaded.model, loaded.tokenizer, items)
         print(f"{path.name}: {scores['examples']} multiple-choice examples: accuracy {scores['accuracy']:.1f}%, "

@@ -3,6 +3,11 @@
 Requests are checked field by field; a bad one becomes an `ApiError`, sent as OpenAI sends errors:
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status. Besides OpenAI's sampling fields,
 `top_k`, `min_p` and `repetition_penalty` are accepted as extensions (as vLLM and llama.cpp do).
+
+`/v1/completions` takes what evaluation harnesses send: a prompt as text or token ids, several prompts in
+one request (one choice each), `logprobs` (each token's log-probability and the `logprobs` likeliest
+tokens at its place, at most 5) and `echo` (the prompt comes back in front of the completion, with its
+tokens' log-probabilities; `max_tokens` 0 then scores the prompt alone).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from scratchlm.chat.template import MessageError, check_messages
 from scratchlm.infer.sampling import MAX_STOP_STRINGS, SAMPLING, SamplingParams
 
 MAX_N = 1
+MAX_LOGPROBS = 5     # OpenAI's limit for completions
+MAX_PROMPTS = 64     # prompts in one /v1/completions request
 
 
 class ApiError(Exception):
@@ -58,8 +65,14 @@ class Request:
     include_usage: bool
     params: SamplingParams
     max_tokens: int | None            # None: up to the end of the context
-    prompt: str | None = None         # /v1/completions
+    prompts: list[str | list[int]] | None = None   # /v1/completions: texts or token ids, one choice each
     messages: list[dict] | None = None  # /v1/chat/completions
+    logprobs: int | None = None       # /v1/completions: how many likeliest tokens to list per place
+    echo: bool = False                # /v1/completions: the prompt, scored, in front of the completion
+
+    @property
+    def scored(self) -> bool:
+        return self.logprobs is not None or self.echo
 
 
 def parse_request(body: object, chat: bool, model_id: str) -> Request:
@@ -74,12 +87,18 @@ def parse_request(body: object, chat: bool, model_id: str) -> Request:
     n = _integer(body, "n", 1, 1, 128)
     if n > MAX_N:
         raise ApiError(400, f"'n' > {MAX_N} is not supported; send several requests", "n")
-    for name in ("logprobs", "top_logprobs", "tools", "functions", "logit_bias", "suffix"):
+    unsupported = ("logprobs", "top_logprobs") if chat else ("top_logprobs",)
+    for name in unsupported + ("tools", "functions", "logit_bias", "suffix"):
         value = body.get(name)
         if value not in (None, False, 0, [], {}):
-            raise ApiError(400, f"'{name}' is not supported by this server", name)
-    if body.get("echo"):
-        raise ApiError(400, "'echo' is not supported by this server", "echo")
+            where = " on /v1/chat/completions (use /v1/completions)" if name in ("logprobs", "top_logprobs") else ""
+            raise ApiError(400, f"'{name}' is not supported by this server{where}", name)
+    echo = body.get("echo") or False
+    if chat and echo:
+        raise ApiError(400, "'echo' is not supported on /v1/chat/completions (use /v1/completions)", "echo")
+    if not isinstance(echo, bool):
+        raise ApiError(400, f"'echo' must be true or false, got {echo!r}", "echo")
+    logprobs = None if chat else _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -89,7 +108,10 @@ def parse_request(body: object, chat: bool, model_id: str) -> Request:
     if not isinstance(options, Mapping):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
     max_name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, max_name, None, 1, 1_000_000)
+    if echo and body.get(max_name) == 0:
+        max_tokens = 0    # score the prompt, write nothing
+    else:
+        max_tokens = _integer(body, max_name, None, 1, 1_000_000)
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -111,17 +133,30 @@ def parse_request(body: object, chat: bool, model_id: str) -> Request:
         seed=_integer(body, "seed", default.seed, 0, 2**63 - 1),
         stop=tuple(stop),
     )
-    req = Request(model, stream, bool(options.get("include_usage")), params, max_tokens)
+    req = Request(model, stream, bool(options.get("include_usage")), params, max_tokens, logprobs=logprobs, echo=echo)
     if chat:
         req.messages = _messages(body.get("messages"))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ApiError(400, "'prompt' must be a string (one prompt per request)", "prompt")
-        req.prompt = prompt
+        req.prompts = _prompts(body.get("prompt"))
+        if stream and (len(req.prompts) > 1 or req.scored):
+            what = "several prompts" if len(req.prompts) > 1 else "'logprobs' or 'echo'"
+            raise ApiError(400, f"'stream' with {what} is not supported; send \"stream\": false", "stream")
     return req
+
+
+def _is_ids(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompts(prompt: object) -> list[str | list[int]]:
+    """A prompt as OpenAI takes it: a string, a list of token ids, or a list of either."""
+    if isinstance(prompt, str) or _is_ids(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_ids(p) for p in prompt):
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"'prompt' holds {len(prompt)} prompts; send at most {MAX_PROMPTS} per request", "prompt")
+        return list(prompt)
+    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a non-empty list of either", "prompt")
 
 
 def _messages(messages: object) -> list[dict]:
@@ -149,6 +184,26 @@ def completion_body(rid: str, model: str, text: str, finish: str, prompt_tokens:
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": model, "choices": [choice], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completions_body(rid: str, model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
+    """A /v1/completions answer with one choice per prompt, each made by `text_choice`."""
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model, "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def text_choice(index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def logprobs_body(pieces: list[str], values: list[float | None], tops: list[dict | None], start: int = 0) -> dict:
+    """OpenAI's completions `logprobs` object: each token's text, its log-probability (None for the first
+    token of a prompt, which nothing predicts), the likeliest tokens at its place, and where its text begins."""
+    offsets, at = [], start
+    for piece in pieces:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": pieces, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
 def chunk_body(rid: str, model: str, created: int, text: str | None, finish: str | None, chat: bool,

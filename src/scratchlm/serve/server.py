@@ -3,8 +3,11 @@
     GET  /                      the chat page (static/index.html)
     GET  /health                {"status": "ok", ...}
     GET  /v1/models             the one model served
-    POST /v1/completions        text in, text out
+    POST /v1/completions        text in, text out; with `logprobs` and `echo`, scores (serve/api.py)
     POST /v1/chat/completions   messages in, a message out (the chat template, see chat/template.py)
+    GET  /tokenizer_info        the tokenizer's special tokens and the context, as vLLM answers
+    POST /tokenize, /detokenize text to token ids and back, as vLLM answers: with these, an evaluation
+                                harness (lm-evaluation-harness's `local-completions`) needs no tokenizer
 
 Both POST routes stream by server-sent events with `"stream": true`. Each HTTP connection gets a thread
 (`ThreadingHTTPServer`) that checks the request, queues it with the engine and relays its events; the
@@ -17,6 +20,7 @@ or headers it cannot read, an unknown method). A connection that sends nothing f
 """
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import socket
@@ -29,8 +33,18 @@ from pathlib import Path
 
 from scratchlm.chat.template import Prompter
 from scratchlm.errors import UserError
-from scratchlm.infer.prompt import plain_prompt
-from scratchlm.serve.api import ApiError, chunk_body, completion_body, new_id, parse_request, usage_chunk
+from scratchlm.infer.prompt import end_ids, plain_prompt
+from scratchlm.serve.api import (
+    ApiError,
+    chunk_body,
+    completion_body,
+    completions_body,
+    logprobs_body,
+    new_id,
+    parse_request,
+    text_choice,
+    usage_chunk,
+)
 from scratchlm.serve.engine import Busy, Engine
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -48,7 +62,7 @@ class App:
 
     def __init__(self, model, tokenizer, model_id: str, max_batch: int = 8, max_queue: int = 64):
         self.model_id, self.tokenizer = model_id, tokenizer
-        self.context = model.config.context
+        self.context, self.vocab = model.config.context, model.config.vocab_size
         self.prompter = Prompter(tokenizer)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
         self.created = int(time.time())
@@ -58,31 +72,78 @@ class App:
                 "context_length": self.context, "chat_template": self.prompter.templated}
 
     def prepare(self, body: object, chat: bool):
-        """The checked request, its prompt ids and its sampling parameters, or an ApiError."""
+        """The checked request and, per prompt, its ids and sampling parameters; or an ApiError."""
         req = parse_request(body, chat, self.model_id)
-        params = req.params
         if chat:
             if isinstance(body, dict) and body.get("trim_history") is True:
                 # An extension for the web page: drop the oldest turns rather than refuse a long chat.
                 budget = self.context - (req.max_tokens or self.context // 2)
                 if budget > 0:
                     req.messages = self.prompter.fit(req.messages, budget)
-            prompt = self.prompter.prompt(req.messages)
+            prompt, params = self.prompter.prompt(req.messages), req.params
             params.stop_ids = self.prompter.stop_ids
             params.stop = tuple(dict.fromkeys(params.stop + self.prompter.stop_strings))
-            kind = "messages"
-        else:
-            prompt, params.stop_ids = plain_prompt(self.tokenizer, req.prompt)
-            kind = "prompt"
+            return req, [(prompt, self._sized(params, prompt, req, "messages"))]
+        work = []
+        for n, prompt in enumerate(req.prompts):
+            if isinstance(prompt, str):
+                ids, stops = plain_prompt(self.tokenizer, prompt)
+            else:
+                bad = next((t for t in prompt if not 0 <= t < self.vocab), None)
+                if bad is not None:
+                    raise ApiError(400, f"'prompt' holds the token id {bad}; this model's ids run from 0 to "
+                                        f"{self.vocab - 1}", "prompt")
+                ids, stops = list(prompt), end_ids(self.tokenizer)
+            params = copy.copy(req.params)   # each prompt has its own stop ids and length
+            params.stop_ids = stops
+            work.append((ids, self._sized(params, ids, req, "prompt")))
+        return req, work
+
+    def _sized(self, params, prompt: list[int], req, kind: str):
+        """`params` with max_new_tokens filled in (as asked, or the rest of the context); an ApiError when
+        the prompt and the tokens asked for do not fit the context."""
         room = self.context - len(prompt)
-        if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
-            asked = len(prompt) + (req.max_tokens or 1)
+        need = req.max_tokens if req.max_tokens is not None else 1
+        if len(prompt) + need > self.context:
             raise ApiError(400, f"This model's maximum context length is {self.context} tokens. However, you "
-                                f"requested {asked} tokens ({len(prompt)} in the {kind}, {req.max_tokens or 1} in the "
+                                f"requested {len(prompt) + need} tokens ({len(prompt)} in the {kind}, {need} in the "
                                 "completion). Please reduce the length of the "
                                 f"{kind} or completion.", kind, "context_length_exceeded")
         params.max_new_tokens = req.max_tokens if req.max_tokens is not None else room
-        return req, prompt, params
+        return params
+
+    def tokens(self, body: object, encode: bool) -> dict:
+        """/tokenize: {"prompt"} -> {"tokens", "count", "max_model_len"}; /detokenize: {"tokens"} -> {"prompt"}.
+        Text is encoded as a prompt is (special-token strings are the special tokens); nothing is added."""
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        if encode:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise ApiError(400, "'prompt' must be a string", "prompt")
+            ids = self.tokenizer.encode(text)
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and
+                                                0 <= t < self.tokenizer.vocab_size for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids from 0 to {self.tokenizer.vocab_size - 1}",
+                           "tokens")
+        return {"prompt": self.tokenizer.decode(ids)}
+
+    def piece(self, token: int) -> str:
+        return self.tokenizer.decode_bytes([token], errors="replace").decode("utf-8", "replace")
+
+    def choice(self, index: int, req, prompt: str | list[int], prompt_len: int, text: str, last) -> dict:
+        """One /v1/completions choice: the completion (after the prompt, with `echo`) and, when asked, its
+        tokens' log-probabilities (the prompt's too, with `echo`)."""
+        prompt_text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt)
+        logprobs = None
+        if req.logprobs is not None:
+            s, first = last.scores, 0 if req.echo else prompt_len
+            tops = [None if top is None else {self.piece(t): v for t, v in top} for top in s.tops[first:]]
+            logprobs = logprobs_body([self.piece(t) for t in s.ids[first:]], s.values[first:], tops,
+                                     0 if req.echo else len(prompt_text))
+        return text_choice(index, (prompt_text if req.echo else "") + text, last.finish_reason, logprobs)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -177,26 +238,40 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(200, app.model_card())
             else:
                 self._error(ApiError(404, f"The model '{name}' does not exist", "model", "model_not_found"))
-        elif path in ("/v1/completions", "/v1/chat/completions"):
+        elif path == "/tokenizer_info":
+            tok = app.tokenizer
+            names = {i: s for s, i in tok.special_tokens.items()}
+            self._json(200, {"eos_token": names.get(tok.eos_id), "bos_token": names.get(tok.bos_id),
+                             "pad_token": names.get(tok.special_tokens.get("<pad>")), "model_max_length": app.context,
+                             "chat_template": None})
+        elif path in ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"):
             self._error(ApiError(405, f"{path} takes POST, not GET"))
         else:
             self._error(ApiError(404, f"no route {path}; see /v1/models, /v1/completions, /v1/chat/completions"))
 
     def do_POST(self):  # noqa: N802
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path in ("/tokenize", "/detokenize"):
+            try:
+                self._json(200, self.app.tokens(self._read_json(), path == "/tokenize"))
+            except ApiError as e:
+                self._error(e)
+            return
         if path not in ("/v1/completions", "/v1/chat/completions"):
             self.close_connection = True  # the unread body would otherwise be read as the next request
             self._error(ApiError(404, f"no POST route {path}; POST to /v1/completions or /v1/chat/completions"))
             return
         chat = path == "/v1/chat/completions"
+        jobs = []
         try:
             body = self._read_json()
         except ApiError as e:
             self._error(e)
             return
         try:
-            req, prompt, params = self.app.prepare(body, chat)
-            job = self.app.engine.submit(prompt, params)
+            req, work = self.app.prepare(body, chat)
+            for ids, params in work:
+                jobs.append(self.app.engine.submit(ids, params, top=req.logprobs))
         except ApiError as e:
             self._error(e)
             return
@@ -204,6 +279,8 @@ class Handler(BaseHTTPRequestHandler):
             self._error(ApiError(400, str(e)))
             return
         except Busy as e:
+            for job in jobs:
+                job.cancel()
             self._error(ApiError(503, f"the server is busy ({e}); retry shortly", kind="server_error",
                                  code="overloaded"))
             return
@@ -214,25 +291,37 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             if req.stream:
-                self._stream(job, req, len(prompt), chat)
+                self._stream(jobs[0], req, len(work[0][0]), chat)
             else:
-                self._whole(job, req, len(prompt), chat)
+                self._whole(jobs, req, work, chat)
         except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout, queue.Empty):
             self.close_connection = True
         finally:
-            job.cancel()  # a no-op once it is done; otherwise frees its batch row
+            for job in jobs:
+                job.cancel()  # a no-op once it is done; otherwise frees its batch row
 
-    def _whole(self, job, req, prompt_tokens: int, chat: bool) -> None:
-        pieces, last = [], None
-        for event in job.stream(timeout=REPLY_TIMEOUT):
-            pieces.append(event.text)
-            last = event
-        if last.error:
-            self._error(ApiError(500, last.error, kind="server_error"))
-            return
+    def _whole(self, jobs, req, work, chat: bool) -> None:
+        replies = []
+        for job in jobs:
+            pieces, last = [], None
+            for event in job.stream(timeout=REPLY_TIMEOUT):
+                pieces.append(event.text)
+                last = event
+            if last.error:
+                self._error(ApiError(500, last.error, kind="server_error"))
+                return
+            replies.append(("".join(pieces), last))
         rid = new_id("chatcmpl" if chat else "cmpl")
-        self._json(200, completion_body(rid, req.model, "".join(pieces), last.finish_reason, prompt_tokens,
-                                        last.completion_tokens, chat))
+        prompt_tokens = sum(len(ids) for ids, _ in work)
+        completion_tokens = sum(last.completion_tokens for _, last in replies)
+        if chat:
+            text, last = replies[0]
+            self._json(200, completion_body(rid, req.model, text, last.finish_reason, prompt_tokens, completion_tokens,
+                                            chat))
+            return
+        choices = [self.app.choice(n, req, prompt, len(ids), text, last)
+                   for n, (prompt, (ids, _), (text, last)) in enumerate(zip(req.prompts, work, replies))]
+        self._json(200, completions_body(rid, req.model, choices, prompt_tokens, completion_tokens))
 
     def _stream(self, job, req, prompt_tokens: int, chat: bool) -> None:
         self.send_response(200)
