@@ -512,6 +512,10 @@ def test_eval_tasks_by_name_and_file(fake_sdist, run_dir, tmp_path, capsys):
         assert named in capsys.readouterr().err
     assert main(["eval", "--compare", str(run_dir)]) == 2
     assert "two or more runs" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run_dir), "--compare", str(run_dir), str(run_dir)]) == 2
+    assert "leave out --checkpoint" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(run_dir), "--task", str(qa), "--shots", "2"]) == 2
+    assert "scored without shots" in capsys.readouterr().err
 
 
 def test_numbers_in_the_table(tmp_path):

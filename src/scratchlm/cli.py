@@ -172,6 +172,9 @@ def cmd_eval(a):
     elif a.compare:
         from scratchlm.eval.runner import compare
 
+        if a.checkpoint:
+            raise UserError("--compare takes the runs to compare itself; leave out --checkpoint")
+
         compare(a.compare, a.suite, tasks, out=a.out, shots=a.shots, limit=a.limit, seed=a.seed, device=a.device,
                 batch=a.batch)
     elif not a.checkpoint:
@@ -191,6 +194,8 @@ def cmd_eval(a):
         from scratchlm.runtime import pick_device
 
         limit = a.limit or 0
+        if a.shots is not None:
+            raise UserError(f"--shots {a.shots}: a file of questions and answers is scored without shots")
         if a.batch < 1 or limit < 0:
             raise UserError(f"--batch {a.batch} --limit {limit}: give a batch >= 1 and a limit >= 0 (0: all)")
         if len(tasks) > 1 and a.out:
