@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from cli_checks import one_line_error
-from tiny_chat import make_run
+from tiny_chat import byte_tokenizer, make_run, tiny_model
 
 import scratchlm
 from scratchlm.chat.terminal import ChatSession
@@ -179,3 +179,21 @@ def test_chat_lines_that_are_not_text_are_refused_and_the_chat_goes_on(chat_run)
     text = "".join(out)
     assert "error: that line is not UTF-8 text\n" in text and "error: that line: character 4 is not text" in text
     assert "max_new_tokens=4" in text and session.messages == []     # nothing sent to the model
+
+
+def test_a_prompt_token_the_model_has_no_embedding_for_is_one_line(tmp_path, capsys):
+    """A converted model's tokenizer may spell bytes its source vocabulary lacked with ids past the
+    model's embedding table: here a byte tokenizer (260 ids) over a model of 150."""
+    from scratchlm.config import RunConfig
+    from scratchlm.train.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    model, cfg = tiny_model(150), RunConfig()
+    cfg.model = model.config
+    byte_tokenizer(chat=False).save(run / "tokenizer")
+    cfg.save(run / "config.toml")
+    save_checkpoint(run, 1, model, None, {"tokens": 0})
+    assert main(["generate", "--checkpoint", str(run), "--prompt", "abc", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
+    err = one_line_error(capsys, ["generate", "--checkpoint", run, "--prompt", "caf\u00e9", "--max-new-tokens", "2"])
+    assert "token 195" in err and "no embedding" in err  # é is the bytes 195 169

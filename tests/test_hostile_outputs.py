@@ -6,6 +6,8 @@ import io
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +135,16 @@ def test_dataset_cache_is_readable_by_others_under_umask_022(corpus, tmp_path):
         os.umask(old)
     for f in split.train.parent.iterdir():
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_a_temp_file_left_by_a_killed_writer_is_removed_by_the_next_one(tmp_path):
+    from scratchlm.files import atomic_write_text
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now: the writer SIGKILL stopped mid-write
+    orphan = tmp_path / f".progress.json.{gone.pid}.tmp"
+    orphan.write_text("{half")
+    alive = tmp_path / f".progress.json.{os.getppid()}.tmp"  # a writer still at work keeps its file
+    alive.write_text("{half")
+    atomic_write_text(tmp_path / "progress.json", "{}")
+    assert not orphan.exists() and alive.exists() and (tmp_path / "progress.json").read_text() == "{}"

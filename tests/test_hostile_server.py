@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from tiny_chat import make_run
+from tiny_chat import byte_tokenizer, make_run, tiny_model
 
 import scratchlm
 import scratchlm.loading
@@ -302,3 +302,25 @@ def test_files_get_the_same_checks_with_their_location():
     with pytest.raises(MessageError, match=r"messages\[1\]: field 'content' is missing"):
         check_messages([{"role": "user", "content": "a"}, {"role": "assistant", "content": None}], where)
     assert check_messages([{"role": "assistant", "content": None}], api=True) == [{"role": "assistant", "content": ""}]
+
+
+def test_a_prompt_token_the_model_has_no_embedding_for_is_a_400(tmp_path):
+    """A byte tokenizer (264 ids) over a model of 150: what a converted model whose source vocabulary
+    lacked some bytes looks like. The request is refused in its own thread; the engine goes on."""
+    from scratchlm.config import RunConfig
+    from scratchlm.train.checkpoint import save_checkpoint
+
+    model, cfg = tiny_model(150), RunConfig()
+    cfg.model = model.config
+    byte_tokenizer().save(tmp_path / "tokenizer")
+    cfg.save(tmp_path / "config.toml")
+    save_checkpoint(tmp_path, 1, model, None, {"tokens": 0})
+    srv = start(tmp_path)
+    try:
+        body = json.dumps({"model": MODEL, "prompt": "caf\u00e9", "max_tokens": 1}).encode()
+        error = openai_error(*exchange(srv, post("/v1/completions", body)), 400)
+        assert "no embedding" in error["message"]
+        ok = json.dumps({"model": MODEL, "prompt": "ab", "max_tokens": 1}).encode()
+        assert exchange(srv, post("/v1/completions", ok))[0] == 200
+    finally:
+        stop(srv)

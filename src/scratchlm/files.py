@@ -8,6 +8,7 @@ place, which the filesystem does atomically. A crash, Ctrl-C or SIGKILL leaves t
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ def _replacing(path: Path) -> Iterator[Path]:
     make_dir(path.parent)
     # the pid keeps two processes writing the same file from sharing (and truncating) one temp file
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    _remove_orphans(path)
     try:
         yield tmp
         with open(tmp, "rb") as f:
@@ -44,6 +46,25 @@ def _replacing(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete the temp files of `path` that a killed writer left (SIGKILL gives no chance to clean up);
+    a writer still alive keeps its own."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:-len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from scratchlm.errors import UserError
 from scratchlm.infer.sampling import SamplingParams, sample_next
 
 
@@ -35,6 +36,16 @@ class Row:
 
 def _generator(params: SamplingParams) -> torch.Generator | None:
     return torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+
+
+def check_tokens(model: torch.nn.Module, ids: Sequence[int]) -> None:
+    """Refuse a prompt holding a token the model has no embedding for. A converted model's tokenizer can
+    spell a byte its source vocabulary lacked with an id past the model's table (see `scratchlm convert`)."""
+    vocab = model.config.vocab_size
+    bad = next((int(t) for t in ids if not 0 <= int(t) < vocab), None)
+    if bad is not None:
+        raise UserError(f"the prompt holds token {bad}, which this model (a vocabulary of {vocab}) has no "
+                        f"embedding for: its tokenizer spells some text the model cannot read; leave that text out")
 
 
 class BatchDecoder:
@@ -73,6 +84,7 @@ class BatchDecoder:
     def _row(self, prompt: Sequence[int], params: SamplingParams, generator: torch.Generator | None) -> Row:
         if len(prompt) == 0:
             raise ValueError("every prompt must hold at least one token")
+        check_tokens(self.model, prompt)
         tokens = [int(t) for t in prompt]
         return Row(tokens, params, generator, start=max(0, len(tokens) - self.context),
                    finish_reason=None if params.max_new_tokens > 0 else "length")

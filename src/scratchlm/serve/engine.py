@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from scratchlm.infer.decoder import check_tokens
 from scratchlm.infer.generate import stream
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.infer.text import TextBatch, TextStream
@@ -92,6 +93,7 @@ class Engine:
         return self.waiting.qsize()
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, top: int | None = None) -> Job:
+        check_tokens(self.model, prompt)  # here, in the request's thread: the worker must not fail on it
         job = Job(prompt, params, top)
         try:
             self.waiting.put_nowait(job)
