@@ -197,3 +197,10 @@ def test_a_prompt_token_the_model_has_no_embedding_for_is_one_line(tmp_path, cap
     capsys.readouterr()
     err = one_line_error(capsys, ["generate", "--checkpoint", run, "--prompt", "caf\u00e9", "--max-new-tokens", "2"])
     assert "token 195" in err and "no embedding" in err  # é is the bytes 195 169
+
+
+def test_a_task_file_that_is_not_utf8_is_one_line(capsys, base_run, tmp_path):
+    task = tmp_path / "task.jsonl"
+    task.write_bytes(b'{"question": "a", "answer": "b"}\n{"question": "caf\xe9", "answer": "b"}\n')
+    err = one_line_error(capsys, ["eval", "--checkpoint", base_run, "--task", task])
+    assert "task.jsonl:2" in err and "UTF-8" in err

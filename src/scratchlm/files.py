@@ -1,4 +1,4 @@
-"""Writing files and folders so that a reader never sees half of one.
+"""Writing files and folders so that a reader never sees half of one (and reading JSON lines back).
 
 Everything a stage leaves on disk (configs, tokenizers, datasets, exports, plots) goes through these:
 the content is written under a temporary name in the same directory, flushed to disk, then renamed into
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -16,6 +17,23 @@ from pathlib import Path
 from typing import Iterator
 
 from scratchlm.errors import UserError
+
+
+def read_json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of each non-blank line of a JSONL file; a line that is not JSON, or a file that
+    is not UTF-8, is one UserError naming `path:line`."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{n}: not UTF-8 text; save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
 def fsync_dir(path: Path) -> None:

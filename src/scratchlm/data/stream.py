@@ -22,6 +22,7 @@ split, so the train split does not depend on the size of the validation one.
 """
 from __future__ import annotations
 
+import abc
 import codecs
 import io
 import json
@@ -74,28 +75,29 @@ def pieces(chunks, specials: list[str], size: int | None = None) -> Iterator[str
         yield buf
 
 
-class Source:
+class Source(abc.ABC):
     """A stream of documents; see the module docstring."""
     label: str             # for messages
     key: str               # what the cache folder is named by: no network is touched to compute it
     total: int | None      # input bytes, when known
     specials: list[str]
 
+    @abc.abstractmethod
     def items(self, file: int = 0, record: int = 0, part: int = 0) -> Iterator[Item]:
-        raise NotImplementedError
+        """The documents from the given place on (a resumed ingestion starts where the last one stopped)."""
 
+    @abc.abstractmethod
     def val_candidate(self, record: int) -> bool:
         """Whether the record with this index (counted over the whole stream) is held out for validation."""
-        raise NotImplementedError
 
     def stamps(self) -> list:
         """[name, size, mtime] of each input file, in order, for sources whose files may be edited in place:
         work made from the first files stays good as long as those files have the same stamps."""
         return []
 
+    @abc.abstractmethod
     def describe(self) -> dict:
         """What meta.json records of the source."""
-        raise NotImplementedError
 
     def _split_records(self, texts, file: int, record: int, part: int, done) -> Iterator[Item]:
         """Items of the records `texts` yields (the first of them being record `record`), the first one

@@ -30,6 +30,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from scratchlm.errors import UserError
+from scratchlm.files import read_json_lines
 from scratchlm.eval.benchmark import Item, Task
 
 MC, SCHEMA, LM = "multiple_choice", "schema", "language_modeling"
@@ -119,20 +120,13 @@ def check(record: object, kind: str, where: str) -> dict:
 def read_jsonl(path: Path, first_kind: str | None = None) -> tuple[str, list[dict]]:
     """The kind and the checked records of a JSONL file in one of CORE's three kinds."""
     records, kind = [], first_kind
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            where = f"{path}: example {len(records)} (line {n + 1})"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            kind = kind or kind_of(record)
-            if kind is None:
-                raise UserError(f"{where}: not a CORE record; expected the fields query/choices/gold, "
-                                "context_options/continuation/gold or context/continuation")
-            records.append(check(record, kind, where))
+    for n, record in read_json_lines(path):
+        where = f"{path}: example {len(records)} (line {n})"
+        kind = kind or kind_of(record)
+        if kind is None:
+            raise UserError(f"{where}: not a CORE record; expected the fields query/choices/gold, "
+                            "context_options/continuation/gold or context/continuation")
+        records.append(check(record, kind, where))
     if not records:
         raise UserError(f"{path} holds no examples")
     return kind, records

@@ -27,6 +27,7 @@ from pathlib import Path
 
 
 from scratchlm.errors import UserError
+from scratchlm.files import read_json_lines
 
 REFERENCE_FIELDS = ("answer", "answers", "output", "completion", "response")
 _PUNCTUATION = set(string.punctuation)
@@ -169,26 +170,19 @@ def read_task(path: Path) -> list[Example] | list[Choice]:
     if not path.is_file():
         raise UserError(f"task file not found: {path}")
     out: list = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{where}: each line must be a JSON object")
-            example = _parse(record, where)
-            example.line = n
-            if isinstance(example, Choice):
-                example.where = where
-            if out and type(example) is not type(out[0]):
-                kinds = {Example: "generation", Choice: "multiple-choice"}
-                raise UserError(f"{where}: a {kinds[type(example)]} example in a file of {kinds[type(out[0])]} "
-                                f"examples (line {out[0].line}); keep one kind per file")
-            out.append(example)
+    for n, record in read_json_lines(path):
+        where = f"{path}:{n}"
+        if not isinstance(record, dict):
+            raise UserError(f"{where}: each line must be a JSON object")
+        example = _parse(record, where)
+        example.line = n
+        if isinstance(example, Choice):
+            example.where = where
+        if out and type(example) is not type(out[0]):
+            kinds = {Example: "generation", Choice: "multiple-choice"}
+            raise UserError(f"{where}: a {kinds[type(example)]} example in a file of {kinds[type(out[0])]} "
+                            f"examples (line {out[0].line}); keep one kind per file")
+        out.append(example)
     if not out:
         raise UserError(f"{path} holds no examples")
     return out
