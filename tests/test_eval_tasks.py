@@ -25,13 +25,7 @@ from scratchlm.train.pretrain import pretrain
 TINY = [*TINIER, "train.eval_every=0", "train.minutes=0", "train.max_steps=2"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models' matrix products are too small to share out; on a busy machine two threads mostly wait.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class FixedModel(nn.Module):

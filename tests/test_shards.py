@@ -19,9 +19,7 @@ from test_tokenizer_encode import tricky_text
 SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|a|>", "<sep\nsep>"]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 @pytest.fixture(scope="module")

