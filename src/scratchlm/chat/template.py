@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from scratchlm.chat.jinja import check_template, render_guarded, render_template
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
 
@@ -183,16 +184,65 @@ def fit_history(tokenizer: Tokenizer, messages: Sequence[Message], budget: int,
 PLAIN_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
+def renders_as_scratchlm(template: str) -> bool:
+    """Whether a Jinja chat template writes conversations as scratchlm's template does (then scratchlm's
+    own rendering, which keeps message text from forging special tokens, is used in its place)."""
+    probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    try:
+        return (render_template(template, probe, False, "<bos>") == render_text(probe)
+                and render_template(template, probe[:2], True, "<bos>") == render_text(probe[:2]) + ASSISTANT)
+    except UserError:
+        return False
+
+
 class Prompter:
-    """Prompts for a chat with any model: the template above when the tokenizer has the chat tokens,
-    else a plain transcript ("User: ...", "Assistant: ...") that a base model can at least continue,
-    stopped where it starts to write the user's next line."""
+    """Prompts for a chat with any model. Three kinds, in this order of preference:
+
+    - the tokenizer's own Jinja chat template (`tokenizer.chat_template`, as a model imported from Hugging
+      Face or GGUF carries), unless it is scratchlm's: rendered as transformers renders it, and encoded with
+      the template's special tokens read as such while those in message text stay plain characters. As in
+      transformers, nothing is added to the rendered text: the template writes the `<bos>` if the model wants one;
+    - scratchlm's template above, when the tokenizer has the chat tokens;
+    - else a plain transcript ("User: ...", "Assistant: ...") that a base model can at least continue,
+      stopped where it starts to write the user's next line."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.templated = has_chat_tokens(tokenizer)
+        template = getattr(tokenizer, "chat_template", None)
+        if template is not None:
+            check_template(template, "the tokenizer's chat_template")
+        self.jinja = template if template and not renders_as_scratchlm(template) else None
+        self.templated = self.jinja is not None or has_chat_tokens(tokenizer)
+        self._end_id = self._template_end() if self.jinja else None
+
+    def _token(self, name: str) -> str | None:
+        i = getattr(self.tokenizer, f"{name}_id", None)
+        return None if i is None else self.tokenizer.id_to_bytes(i).decode("utf-8", "replace")
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        return render_template(self.jinja, messages, add_generation_prompt, self._token("bos"), self._token("eos"))
+
+    def _template_end(self) -> int | None:
+        """The special token the template writes right after an assistant message, which ends a reply
+        (`<|im_end|>` in ChatML, `<|eot_id|>` in Llama 3), or None if it writes none there."""
+        reply = "scratchlm probe reply"
+        try:
+            text = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}], False)
+        except UserError:
+            return None
+        after = text[text.rfind(reply) + len(reply):] if reply in text else ""
+        ends = [(len(s), i) for s, i in self.tokenizer.special_tokens.items() if s and after.startswith(s)]
+        return max(ends)[1] if ends else None
 
     def prompt(self, messages: Sequence[Message]) -> list[int]:
+        if self.jinja:
+            pieces = render_guarded(self.jinja, messages, self.tokenizer.special_tokens, True,
+                                    self._token("bos"), self._token("eos"))
+            ids: list[int] = []
+            for k, piece in enumerate(pieces):
+                if piece:
+                    ids += encode_text(self.tokenizer, piece) if k % 2 else self.tokenizer.encode(piece)
+            return ids
         if self.templated:
             return render_prompt(self.tokenizer, messages)
         text = "".join(f"{PLAIN_NAMES[m['role']]}: {m['content']}\n" for m in messages) + "Assistant:"
@@ -200,6 +250,10 @@ class Prompter:
 
     @property
     def stop_ids(self) -> tuple[int, ...]:
+        if self.jinja:
+            tok = self.tokenizer
+            ids = [*(getattr(tok, "stop_ids", None) or ()), tok.eos_id, self._end_id]
+            return tuple(dict.fromkeys(i for i in ids if i is not None))
         if self.templated:
             return stop_ids(self.tokenizer)
         eos = self.tokenizer.eos_id
