@@ -5,6 +5,7 @@ and a tokenizer that carries a ChatML template is prompted, in chat and in serve
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import threading
 
@@ -125,6 +126,7 @@ def test_template_refuses_an_unknown_role(tokenizers):
 
 
 # ----------------------------------------------------------------------------- any template, as transformers renders it
+@functools.cache
 def _smollm2_template() -> str:
     gguf = pytest.importorskip("gguf")
     from scratchlm.fetch import wheel_file
