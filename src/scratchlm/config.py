@@ -226,6 +226,12 @@ class TrainConfig:
     lr: float = 3e-3
     muon_lr_scale: float = 10.0      # Muon's lr as a multiple of train.lr
     muon_momentum: float = 0.95
+    muon_polynomial: str = "quintic"  # quintic (Jordan's, every step) | polar-express (Amsel et al. 2025, one per step)
+    muon_normalize: str = "none"     # none | neuron (NorMuon: even out the update's rows, keeping its size)
+    muon_weight_decay: float = -1.0  # decoupled decay of Muon's matrices, p *= 1 - lr * wd at Muon's lr; -1: weight_decay
+    embed_lr_scale: float = 1.0      # lr of embedding tables (token, value, learned positions) as a multiple of train.lr
+    head_lr_scale: float = 1.0       # lr of an untied output head (a tied one is the token table)
+    scalar_lr_scale: float = 1.0     # lr of parameters with fewer than 2 dimensions (gains, biases, mixing scalars)
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"         # cosine | wsd | linear | constant
     warmup_steps: int = 50
@@ -253,10 +259,12 @@ class TrainConfig:
                                "optimizer": ("adamw", "muon"), "implementation": ("torch", "reference"),
                                "schedule": ("cosine", "wsd", "linear", "constant"),
                                "log_to": ("tensorboard", "wandb"), "parallel": ("ddp", "fsdp"),
-                               "resume": ("no", "auto")}
+                               "resume": ("no", "auto"), "muon_polynomial": ("quintic", "polar-express"),
+                               "muon_normalize": ("none", "neuron")}
     RANGES: ClassVar[dict] = {"seed": AT_LEAST_0, "micro_batch": AT_LEAST_1, "batch_tokens": AT_LEAST_0,
                               "max_steps": AT_LEAST_0, "minutes": AT_LEAST_0, "lr": POSITIVE,
-                              "muon_lr_scale": POSITIVE, "muon_momentum": FRACTION, "min_lr_ratio": Range(0, 1),
+                              "muon_lr_scale": POSITIVE, "muon_momentum": FRACTION, "embed_lr_scale": POSITIVE,
+                              "head_lr_scale": POSITIVE, "scalar_lr_scale": POSITIVE, "min_lr_ratio": Range(0, 1),
                               "warmup_steps": AT_LEAST_0, "cooldown_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
                               "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
                               "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_0, "checkpoint_every": AT_LEAST_0,
@@ -266,6 +274,14 @@ class TrainConfig:
         """`section` names the table in messages: [sft.train] is checked with this too."""
         check_device(f"{section}.device", self.device)
         _check_fields(self, section)
+        if self.muon_weight_decay != -1 and not AT_LEAST_0.holds(self.muon_weight_decay):
+            raise UserError(f"{section}.muon_weight_decay = {self.muon_weight_decay!r} is out of range: it must be "
+                            f">= 0, or -1 for the value of {section}.weight_decay")
+
+    @property
+    def muon_decay(self) -> float:
+        """The weight decay of Muon's matrices: muon_weight_decay, or weight_decay where that is -1."""
+        return self.weight_decay if self.muon_weight_decay == -1 else self.muon_weight_decay
 
 
 @dataclass
