@@ -51,6 +51,20 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 FRACTION = Range(0, 1, high_open=True)   # momentum, betas, dropout: 1 would never forget (or drop everything)
 
 
+@dataclass(frozen=True)
+class RangeOrUnset(Range):
+    """From `start` up, or -1: "unset, take the value of the field `fallback`". `low` is -1, the least
+    value taken, so that what lies below it is what the range refuses first."""
+    start: float = 0.0
+    fallback: str = ""
+
+    def holds(self, value: float) -> bool:
+        return value == -1 or Range(self.start).holds(value)
+
+    def __str__(self) -> str:
+        return f"{Range(self.start)}, or -1 for the value of {self.fallback}"
+
+
 def _nearest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -268,15 +282,13 @@ class TrainConfig:
                               "warmup_steps": AT_LEAST_0, "cooldown_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
                               "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
                               "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_0, "checkpoint_every": AT_LEAST_0,
-                              "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0}
+                              "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0,
+                              "muon_weight_decay": RangeOrUnset(-1, start=0, fallback="weight_decay")}
 
     def validate(self, section: str = "train") -> None:
         """`section` names the table in messages: [sft.train] is checked with this too."""
         check_device(f"{section}.device", self.device)
         _check_fields(self, section)
-        if self.muon_weight_decay != -1 and not AT_LEAST_0.holds(self.muon_weight_decay):
-            raise UserError(f"{section}.muon_weight_decay = {self.muon_weight_decay!r} is out of range: it must be "
-                            f">= 0, or -1 for the value of {section}.weight_decay")
 
     @property
     def muon_decay(self) -> float:
