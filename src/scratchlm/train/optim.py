@@ -58,7 +58,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     exchange for speed; for an optimizer that is as good as the exact polar factor.
     "polar-express": a different polynomial at each step, each the best in the worst case for where the
     previous ones left the singular values (see POLAR_EXPRESS), so five steps land closer to 1 than five
-    of the fixed quintic, from singular values as small as 1e-3 of the largest.
+    of the fixed quintic, from singular values as small as 1e-3 of the Frobenius norm.
 
     Iterating on the wide orientation keeps the Gram matrix small."""
     x = g.to(dtype)
