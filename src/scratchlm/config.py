@@ -51,6 +51,20 @@ AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
 FRACTION = Range(0, 1, high_open=True)   # momentum, betas, dropout: 1 would never forget (or drop everything)
 
 
+@dataclass(frozen=True)
+class RangeOrUnset(Range):
+    """From `start` up, or -1: "unset, take the value of the field `fallback`". `low` is -1, the least
+    value taken, so that what lies below it is what the range refuses first."""
+    start: float = 0.0
+    fallback: str = ""
+
+    def holds(self, value: float) -> bool:
+        return value == -1 or Range(self.start).holds(value)
+
+    def __str__(self) -> str:
+        return f"{Range(self.start)}, or -1 for the value of {self.fallback}"
+
+
 def _nearest(name: str, options) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f" (did you mean {close[0]}?)" if close else ""
@@ -226,6 +240,12 @@ class TrainConfig:
     lr: float = 3e-3
     muon_lr_scale: float = 10.0      # Muon's lr as a multiple of train.lr
     muon_momentum: float = 0.95
+    muon_polynomial: str = "quintic"  # quintic (Jordan's, every step) | polar-express (Amsel et al. 2025, one per step)
+    muon_normalize: str = "none"     # none | neuron (NorMuon: even out the update's rows, keeping its size)
+    muon_weight_decay: float = -1.0  # decoupled decay of Muon's matrices, p *= 1 - lr * wd at Muon's lr; -1: weight_decay
+    embed_lr_scale: float = 1.0      # lr of embedding tables (token, value, learned positions) as a multiple of train.lr
+    head_lr_scale: float = 1.0       # lr of an untied output head (a tied one is the token table)
+    scalar_lr_scale: float = 1.0     # lr of parameters with fewer than 2 dimensions (gains, biases, mixing scalars)
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"         # cosine | wsd | linear | constant
     warmup_steps: int = 50
@@ -253,19 +273,27 @@ class TrainConfig:
                                "optimizer": ("adamw", "muon"), "implementation": ("torch", "reference"),
                                "schedule": ("cosine", "wsd", "linear", "constant"),
                                "log_to": ("tensorboard", "wandb"), "parallel": ("ddp", "fsdp"),
-                               "resume": ("no", "auto")}
+                               "resume": ("no", "auto"), "muon_polynomial": ("quintic", "polar-express"),
+                               "muon_normalize": ("none", "neuron")}
     RANGES: ClassVar[dict] = {"seed": AT_LEAST_0, "micro_batch": AT_LEAST_1, "batch_tokens": AT_LEAST_0,
                               "max_steps": AT_LEAST_0, "minutes": AT_LEAST_0, "lr": POSITIVE,
-                              "muon_lr_scale": POSITIVE, "muon_momentum": FRACTION, "min_lr_ratio": Range(0, 1),
+                              "muon_lr_scale": POSITIVE, "muon_momentum": FRACTION, "embed_lr_scale": POSITIVE,
+                              "head_lr_scale": POSITIVE, "scalar_lr_scale": POSITIVE, "min_lr_ratio": Range(0, 1),
                               "warmup_steps": AT_LEAST_0, "cooldown_steps": AT_LEAST_0, "weight_decay": AT_LEAST_0,
                               "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
                               "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_0, "checkpoint_every": AT_LEAST_0,
-                              "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0}
+                              "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0,
+                              "muon_weight_decay": RangeOrUnset(-1, start=0, fallback="weight_decay")}
 
     def validate(self, section: str = "train") -> None:
         """`section` names the table in messages: [sft.train] is checked with this too."""
         check_device(f"{section}.device", self.device)
         _check_fields(self, section)
+
+    @property
+    def muon_decay(self) -> float:
+        """The weight decay of Muon's matrices: muon_weight_decay, or weight_decay where that is -1."""
+        return self.weight_decay if self.muon_weight_decay == -1 else self.muon_weight_decay
 
 
 @dataclass
