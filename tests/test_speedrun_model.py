@@ -287,3 +287,17 @@ def test_config_refuses_in_one_line(model, message):
 def test_options_off_add_no_parameters():
     names = set(Transformer(config()).state_dict())
     assert not any("value" in n or "skip" in n for n in names)
+
+
+def test_growing_the_vocabulary_for_chat_tokens_grows_the_value_tables():
+    from scratchlm.chat.template import resize_vocab
+
+    m = model_of(value_embeds=2)
+    old = [t.weight.detach().clone() for t in m.value_embeds]
+    resize_vocab(m, 64, [61, 62, 63], known=61)
+    for table, before in zip(m.value_embeds, old):
+        assert table.weight.shape == (64, 16)
+        torch.testing.assert_close(table.weight[:61], before)
+        torch.testing.assert_close(table.weight[63], before.mean(dim=0))
+    assert m(torch.tensor([[1, 62, 63]])).shape == (1, 3, 64)  # the new ids index every table
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items() if k != "lm_head.weight"} == model_shapes(m.config)
