@@ -211,7 +211,9 @@ def test_parameter_count_by_hand_and_in_model_info(tmp_path, capsys):
     recipe.write_text("[data]\ntokenizer = 'its-own'\n[model]\n" + "".join(
         f"{k} = {json.dumps(v)}\n" for k, v in {**cfg.__dict__, "preset": ""}.items()))
     assert main(["model", "info", "--config", str(recipe)]) == 0
-    assert f"parameters        {expected:,}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"parameters        {expected:,}" in out
+    assert "relu2 MLP, tied embeddings on, logit soft-cap 2, 2 value embeddings, U-net skips, zero-init projections" in out
 
 
 def test_tiny_pretrain_with_every_option_trains_saves_and_decodes(play_text, tmp_path, monkeypatch):
