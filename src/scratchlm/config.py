@@ -116,13 +116,17 @@ class ModelConfig:
     norm: str = "rmsnorm"        # rmsnorm | layernorm
     norm_eps: float = 1e-5
     pre_norm: bool = True
-    mlp: str = "swiglu"          # gelu | relu | silu | swiglu
+    mlp: str = "swiglu"          # gelu | relu | relu2 (relu(x)^2) | silu | swiglu
     dropout: float = 0.0
     tie_embeddings: bool = True
     qk_norm: bool = False
     bias: bool = False
     attention: str = "sdpa"      # sdpa | explicit | triton (scratchlm's FlashAttention-2 kernel; CUDA only)
     init_std: float = 0.02
+    logit_softcap: float = 0.0   # > 0: logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); 0: off
+    zero_init_proj: bool = False  # attention o_proj and MLP down start at zero: residual branches start adding nothing
+    value_embeds: int = 0        # extra token tables mixed into the values of layer k and n_layers-1-k (modded-nanogpt)
+    unet_skips: bool = False     # the first n_layers//2 block outputs feed the mirrored later blocks, with learned weights
 
     @property
     def kv_heads(self) -> int:
@@ -143,12 +147,13 @@ class ModelConfig:
         return 4 * self.d_model
 
     CHOICES: ClassVar[dict] = {"position": ("learned", "sinusoidal", "rope", "alibi", "nope"),
-                               "norm": ("rmsnorm", "layernorm"), "mlp": ("gelu", "relu", "silu", "swiglu"),
+                               "norm": ("rmsnorm", "layernorm"), "mlp": ("gelu", "relu", "relu2", "silu", "swiglu"),
                                "attention": ("sdpa", "explicit", "triton")}
     RANGES: ClassVar[dict] = {"vocab_size": AT_LEAST_1, "context": AT_LEAST_1, "d_model": AT_LEAST_1,
                               "n_layers": AT_LEAST_1, "n_heads": AT_LEAST_1, "n_kv_heads": AT_LEAST_0,
                               "d_ff": AT_LEAST_0, "rope_base": Range(1, low_open=True), "norm_eps": POSITIVE,
-                              "dropout": FRACTION, "init_std": POSITIVE}
+                              "dropout": FRACTION, "init_std": POSITIVE, "logit_softcap": AT_LEAST_0,
+                              "value_embeds": AT_LEAST_0}
 
     def validate(self) -> None:
         """Whether the settings make a model at all. Not whether this machine can run it: a model trained
@@ -160,6 +165,11 @@ class ModelConfig:
             raise UserError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.kv_heads})")
         if self.position == "rope" and self.head_dim % 2:
             raise UserError(f"RoPE needs an even head size; d_model / n_heads = {self.head_dim}")
+        if self.value_embeds > self.n_layers // 2:
+            raise UserError(f"model.value_embeds = {self.value_embeds} is more than n_layers // 2 = "
+                            f"{self.n_layers // 2}: each table feeds one early and one mirrored late layer")
+        if self.unet_skips and self.n_layers < 2:
+            raise UserError("model.unet_skips = true needs n_layers >= 2: a skip joins block k to block n_layers-1-k")
         if self.attention == "triton":
             from scratchlm.model.flash_triton import check_config  # imports Triton, so only when asked for
             check_config(self.head_dim, self.dropout)

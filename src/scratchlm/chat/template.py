@@ -303,17 +303,22 @@ def resize_vocab(model: nn.Module, vocab_size: int, new_ids: Sequence[int], know
     known = min(known or old_n, old_n)
 
     def grow(weight: torch.Tensor) -> torch.Tensor:
-        out = weight.new_zeros(max(vocab_size, old_n), dim)
+        out = weight.new_zeros(max(vocab_size, old_n), weight.shape[1])
         out[:old_n] = weight
         mean = weight[:known].mean(dim=0)
         for i in new_ids:
             out[i] = mean
         return out[:vocab_size]
 
-    new_emb = nn.Embedding(vocab_size, dim, device=emb.weight.device, dtype=emb.weight.dtype)
-    new_emb.weight.copy_(grow(emb.weight))
-    new_emb.weight.requires_grad_(emb.weight.requires_grad)
-    model.tok_emb = new_emb
+    def grown(table: nn.Embedding) -> nn.Embedding:
+        new = nn.Embedding(vocab_size, table.weight.shape[1], device=table.weight.device, dtype=table.weight.dtype)
+        new.weight.copy_(grow(table.weight))
+        new.weight.requires_grad_(table.weight.requires_grad)
+        return new
+
+    new_emb = model.tok_emb = grown(emb)
+    for k, table in enumerate(model.value_embeds):  # the value tables are indexed by token id too
+        model.value_embeds[k] = grown(table)
     if tied:
         model.lm_head.weight = new_emb.weight
     else:

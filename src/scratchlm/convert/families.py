@@ -13,8 +13,10 @@ from __future__ import annotations
 from scratchlm.config import ModelConfig
 from scratchlm.errors import UserError
 
-LLAMA_NEEDS = {"norm": "rmsnorm", "mlp": "swiglu", "pre_norm": True, "qk_norm": False}
-GPT2_NEEDS = {"norm": "layernorm", "mlp": "gelu", "pre_norm": True, "qk_norm": False}
+# The speedrun options (logit_softcap, value_embeds, unet_skips) change the forward pass; neither family has them.
+_PLAIN = {"logit_softcap": 0.0, "value_embeds": 0, "unet_skips": False}
+LLAMA_NEEDS = {"norm": "rmsnorm", "mlp": "swiglu", "pre_norm": True, "qk_norm": False, **_PLAIN}
+GPT2_NEEDS = {"norm": "layernorm", "mlp": "gelu", "pre_norm": True, "qk_norm": False, **_PLAIN}
 
 
 def _toml(value) -> str:

@@ -52,7 +52,7 @@ class KVCache:
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, *, bias: bool = False, dropout: float = 0.0,
-                 qk_norm: bool = False, norm_eps: float = 1e-6, backend: str = "sdpa"):
+                 qk_norm: bool = False, norm_eps: float = 1e-6, backend: str = "sdpa", value_embed: bool = False):
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
@@ -68,17 +68,27 @@ class CausalSelfAttention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else None
+        # With a value embedding, the values are a * v + b * ve, (a, b) learned; the Transformer sets them to
+        # (0.5, 0.5) as modded-nanogpt does.
+        self.value_mix = nn.Parameter(torch.empty(2)) if value_embed else None
         self.keep_weights = False  # set by the attention-map plot; only the explicit path can honour it
         self.last_weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, *, rope: tuple | None = None,
                 alibi_slopes: torch.Tensor | None = None, cache: KVCache | None = None,
-                layer: int = 0, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`key_mask` (B, keys so far), True where a key may be attended to: hides left padding."""
+                layer: int = 0, key_mask: torch.Tensor | None = None,
+                value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` (B, keys so far), True where a key may be attended to: hides left padding.
+        `value_embed` (B, T, n_kv_heads * head_dim), the new tokens' rows of this layer's value table, is
+        mixed into the values before they are cached, so cached decoding sees what a full forward does."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x)
+        if value_embed is not None:
+            a, b = self.value_mix
+            v = a * v + b * value_embed.to(v.dtype)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -44,6 +44,13 @@ def training_memory_bytes(cfg: ModelConfig) -> int:
     return 16 * count_params(cfg)["total"]
 
 
+def _speedrun_options(cfg: ModelConfig) -> str:
+    on = [f"logit soft-cap {cfg.logit_softcap:g}" if cfg.logit_softcap else "",
+          f"{cfg.value_embeds} value embeddings" if cfg.value_embeds else "",
+          "U-net skips" if cfg.unet_skips else "", "zero-init projections" if cfg.zero_init_proj else ""]
+    return "".join(f", {o}" for o in on if o)
+
+
 def describe(cfg: ModelConfig) -> str:
     p = count_params(cfg)
     gib = 1024 ** 3
@@ -52,7 +59,7 @@ def describe(cfg: ModelConfig) -> str:
         f"shape             d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads "
         f"({cfg.kv_heads} kv), ffn {cfg.ffn_hidden}, context {cfg.context}, vocab {cfg.vocab_size}",
         f"choices           {cfg.position} positions, {cfg.norm} ({'pre' if cfg.pre_norm else 'post'}-norm), "
-        f"{cfg.mlp} MLP, tied embeddings {'on' if cfg.tie_embeddings else 'off'}",
+        f"{cfg.mlp} MLP, tied embeddings {'on' if cfg.tie_embeddings else 'off'}{_speedrun_options(cfg)}",
         f"parameters        {p['total']:,} ({p['embedding']:,} embedding, {p['non_embedding']:,} non-embedding)",
         f"FLOPs per token   {flops_per_token(cfg):,.0f} (training, forward + backward, at context {cfg.context})",
         f"KV cache          {kv_cache_bytes_per_token(cfg):,} bytes per token in bf16 "

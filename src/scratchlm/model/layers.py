@@ -40,11 +40,14 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5, bias: bool = False) -> nn.
     raise ValueError(f"unknown norm {kind!r}")
 
 
-_ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu, "silu": F.silu}
+# relu2 is ReLU squared (So et al. 2021, "Primer"), the MLP of the modded-nanogpt speedruns.
+_ACTIVATIONS = {"gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu,
+                "relu2": lambda x: F.relu(x).square(), "silu": F.silu}
 
 
 class MLP(nn.Module):
-    """Two-layer feed-forward block: down(act(up(x))). GELU uses the tanh approximation, as GPT-2 did."""
+    """Two-layer feed-forward block: down(act(up(x))). GELU uses the tanh approximation, as GPT-2 did;
+    relu2 is relu(x)^2."""
 
     def __init__(self, dim: int, hidden: int, activation: str = "gelu", bias: bool = False, dropout: float = 0.0):
         super().__init__()
