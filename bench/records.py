@@ -4,9 +4,10 @@
 
 RESULTS.jsonl is what `bench/speedrun.py --json` appended: one line per seed, then a summary line per
 invocation. An entry is written from the last complete invocation at equal time and the last at equal
-steps in it, set against the previous entry (the highest-numbered one beside the new file, or
---previous). The entry ends with those JSON lines, so that the next entry and `bench/speedrun.py
---compare` read the numbers back from it.
+steps in it, set against the previous record (the highest-numbered entry beside the new file, or
+--previous), and only when the rule makes it a record (exit 1 otherwise), or when it is the first. It
+ends with those JSON lines, so that the next entry and `bench/speedrun.py --compare` read the numbers
+back from it.
 """
 from __future__ import annotations
 
@@ -206,25 +207,30 @@ def _section(run: dict) -> list[str]:
 
 def _test_row(name: str, run: dict, old: dict | None, alpha: float) -> str:
     if old is None:
-        return f"| {name} | | | | | | not compared: the previous entry has no runs at this budget |"
-    c = compare(bpb(run), bpb(old), alpha)
+        return f"| {name} | | | | | | not compared: the previous record has no runs at this budget |"
+    try:
+        c = compare(bpb(run), bpb(old), alpha)
+    except ValueError as e:
+        return f"| {name} | | | | | | no t-test: {e} |"
     p = "n/a" if c["p"] is None else f"{c['p']:.4g}"
     return (f"| {name} | {c['mean']:.4f} | {c['previous_mean']:.4f} | {c['t']:.3f} | {c['df']:.2f} | {p} | "
             f"{c['verdict']} |")
 
 
-def write_entry(results: Path, out: Path, previous: Path | None, note: str = "", alpha: float = ALPHA) -> str:
-    """Write the entry `out` from the results file; return its verdict line."""
+def write_entry(results: Path, out: Path, previous: Path | None, note: str = "",
+                alpha: float = ALPHA) -> tuple[bool, str]:
+    """Write the entry `out` from the results file when its runs make a record (or it is the first entry);
+    return whether it was written, and the verdict."""
     if not ENTRY_NAME.match(out.name):
         raise UserError(f"{out}: name an entry NNNN-name.md, numbered after the last one in records/")
     if out.exists():
         raise UserError(f"{out}: exists; an entry is written once, so give the next number")
     runs = load_runs(results)
     timed, stepped = pick(runs, results, "time"), pick(runs, results, "steps")
-    for run in (timed, stepped):
-        if len(run["rows"]) < 2:
-            raise UserError(f"{results}: the last run at {budget_text(run['mode'], run['budget'])} has one seed; "
-                            f"an entry needs its spread (bench/speedrun.py --seeds {MIN_RUNS})")
+    for run, least in ((timed, MIN_RUNS), (stepped, 2)):
+        if len(run["rows"]) < least:
+            raise UserError(f"{results}: the last run at {budget_text(run['mode'], run['budget'])} has "
+                            f"{len(run['rows'])} seeds; an entry needs {least} or more (bench/speedrun.py --seeds)")
     lines = [f"# {out.stem}", ""]
     if note:
         lines += [note, ""]
@@ -241,8 +247,13 @@ def write_entry(results: Path, out: Path, previous: Path | None, note: str = "",
         if old_timed["budget"] != timed["budget"]:
             raise UserError(f"{previous}: ran {budget_text('time', old_timed['budget'])}, these runs "
                             f"{budget_text('time', timed['budget'])}; a record is judged at the same budget")
-        c = compare(bpb(timed), bpb(old_timed), alpha)
+        try:
+            c = compare(bpb(timed), bpb(old_timed), alpha)
+        except ValueError as e:
+            return False, f"not a record: no t-test ({e})"
         verdict = f"{record_verdict(c)}: {describe_test(c)}"
+        if not c["record"]:
+            return False, verdict
         old_stepped = next((r for r in reversed(old_runs) if r["mode"] == "steps"
                             and r["budget"] == stepped["budget"]), None)
         diff = config_diff(timed["config"], old_timed["config"]) or ["(none: the same configuration)"]
@@ -258,7 +269,7 @@ def write_entry(results: Path, out: Path, previous: Path | None, note: str = "",
     lines += ["## Results", "", "The JSON lines this entry was written from (bench/speedrun.py --compare reads them).",
               "", "```jsonl", *raw, "```", ""]
     atomic_write_text(out, "\n".join(lines))
-    return verdict
+    return True, verdict
 
 
 def main() -> int:
@@ -277,10 +288,15 @@ def main() -> int:
             raise UserError(f"--previous {a.previous}: no such file")
         previous = a.previous if a.previous is not None or not ENTRY_NAME.match(a.entry.name) \
             else previous_entry(a.entry)
-        print(f"{a.entry}: {write_entry(a.results, a.entry, previous, a.note, a.alpha)}")
+        written, verdict = write_entry(a.results, a.entry, previous, a.note, a.alpha)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not written:
+        print(f"{verdict}\nnothing written: records/ holds records only (a result that is not one belongs in "
+              f"docs/journal.md)", file=sys.stderr)
+        return 1
+    print(f"wrote {a.entry}: {verdict}")
     return 0
 
 
