@@ -257,6 +257,8 @@ def write_entry(results: Path, out: Path, previous: Path | None, note: str = "",
         old_stepped = next((r for r in reversed(old_runs) if r["mode"] == "steps"
                             and r["budget"] == stepped["budget"]), None)
         diff = config_diff(timed["config"], old_timed["config"]) or ["(none: the same configuration)"]
+        if old_timed["machine"]["cpu"] != machine["cpu"]:
+            lines.append(f"- **another CPU than the previous record's** ({old_timed['machine']['cpu']})")
         lines += [f"- previous record: [{previous.name}]({previous.name})", f"- verdict: {verdict}", "",
                   "## Configuration against the previous record", "", *[f"    {d}" for d in diff], "",
                   f"## Welch t-test against {previous.stem} (one-sided: this mean is lower; alpha {alpha:g})", "",

@@ -90,7 +90,8 @@ def test_no_scipy_is_said(bench, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- entries
-def fake_run(run: str, mode: str, budget: float, values: list[float], lr: float = 3e-3) -> list[dict]:
+def fake_run(run: str, mode: str, budget: float, values: list[float], lr: float = 3e-3,
+             cpu: str = "Test CPU") -> list[dict]:
     """The JSON lines one bench/speedrun.py invocation appends, with chosen results."""
     rows = [{"kind": "seed", "run": run, "seed": 1337 + i, "mode": mode, "budget": budget, "val_bpb": v,
              "val_loss": v * 1.1, "steps": 1000 + i, "tokens": 4096 * (1000 + i), "train_seconds": 300.0}
@@ -98,7 +99,7 @@ def fake_run(run: str, mode: str, budget: float, values: list[float], lr: float 
     return rows + [{"kind": "summary", "run": run, "mode": mode, "budget": budget, "date": "2026-12-02T10:00:00",
                     "commit": "abc1234", "config": {"model": {"d_model": 128}, "train": {"lr": lr, "seed": 1337},
                                                     "data": {"tokenizer": f"/tmp/{run}/tokenizer"}},
-                    "machine": {"cpu": "Test CPU", "cpu_flags": ["avx512_bf16"], "threads": 2, "torch": "2.x"},
+                    "machine": {"cpu": cpu, "cpu_flags": ["avx512_bf16"], "threads": 2, "torch": "2.x"},
                     "matmul_gflops": {"start": {"fp32": 51.5, "bf16": 101.0}, "end": {"fp32": 49.3, "bf16": 98.0}}}]
 
 
@@ -131,7 +132,8 @@ def test_entries_record_the_rule(bench, tmp_path, capsys, monkeypatch):
     assert [records.bpb(r) for r in runs] == [[2.00, 2.02, 2.01], [2.05, 2.06, 2.04]]
 
     # A change that wins at equal time: an entry, set against 0000 (the highest number before it).
-    better = write_results(tmp_path / "better.jsonl", fake_run("c1", "time", 5.0, [1.95, 1.97, 1.96], lr=4e-3),
+    better = write_results(tmp_path / "better.jsonl", fake_run("c1", "time", 5.0, [1.95, 1.97, 1.96], lr=4e-3,
+                                                               cpu="Other CPU"),
                            fake_run("c2", "steps", 1000, [2.03, 2.04, 2.05], lr=4e-3))
     code, out, _ = write_entry(records, capsys, monkeypatch, better, log / "0001-lr.md")
     assert code == 0 and "a record" in out
@@ -145,6 +147,8 @@ def test_entries_record_the_rule(bench, tmp_path, capsys, monkeypatch):
     assert f"| 1000 steps | 2.0400 | 2.0500 | {steps_ref.statistic:.3f} | {steps_ref.df:.2f} | {steps_ref.pvalue:.4g} |" \
         in entry
     assert "previous record: [0000-demo.md](0000-demo.md)" in entry
+    assert "another CPU than the previous record's** (Test CPU)" in entry
+    assert "another CPU" not in (log / "0000-demo.md").read_text()
 
     # The same numbers again do not beat 0001: nothing is written, exit 1.
     same = write_results(tmp_path / "same.jsonl", fake_run("d1", "time", 5.0, [1.96, 1.95, 1.97]),
