@@ -65,6 +65,8 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError(f"--seeds {a.seeds}: give the number of runs, 1 or more (3 for a record)")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps {a.steps}: give a number of training steps, 1 or more")
+    if a.steps is not None and a.minutes is not None:
+        raise UserError(f"--minutes {a.minutes} --steps {a.steps}: give one budget, minutes or steps")
     if a.steps is None and not a.minutes > 0:
         raise UserError(f"--minutes {a.minutes}: give a training budget in minutes > 0, e.g. --minutes 5")
     if not 0 < a.alpha < 1:
@@ -79,6 +81,8 @@ def check_args(a: argparse.Namespace) -> None:
 
 
 def speedrun(a: argparse.Namespace) -> int:
+    if a.steps is None and a.minutes is None:
+        a.minutes = 5.0
     check_args(a)
     mode, budget = ("steps", a.steps) if a.steps else ("time", a.minutes)
     sets = [*a.set, *([f"train.max_steps={a.steps}", "train.minutes=0"] if a.steps else [f"train.minutes={a.minutes}"])]
@@ -154,7 +158,7 @@ def speedrun(a: argparse.Namespace) -> int:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(recipe_path("shakespeare-cpu.toml")))
-    p.add_argument("--minutes", type=float, default=5.0, help="training budget per run (default 5)")
+    p.add_argument("--minutes", type=float, help="training budget per run (default 5)")
     p.add_argument("--steps", type=int, help="train this many steps per run instead of --minutes")
     p.add_argument("--seeds", type=int, default=1, help="runs, one per seed from the config's train.seed on")
     p.add_argument("--set", action="append", default=[])

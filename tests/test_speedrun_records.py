@@ -242,15 +242,18 @@ def test_seeds_steps_json_compare_and_an_entry(bench, tmp_path, play_text, capsy
     ('{"val_bpb": 1.9}\n', ["--seeds", "3", "--compare", "{file}"], "not a line of bench/speedrun.py --json"),
     (None, ["--seeds", "1", "--compare", "{missing}"], "--seeds 2 or more"),
     (None, ["--steps", "0"], "--steps 0"),
+    (None, ["--steps", "10", "--minutes", "5"], "give one budget"),
+    (None, ["--minutes", "0"], "--minutes 0"),
     (None, ["--alpha", "1.5"], "--alpha 1.5"),
     (None, ["--set", "train.minutes=3"], "--minutes or --steps"),
+    ("a file left by an earlier run\n", ["--out", "{folder}"], "not empty"),
 ])
 def test_speedrun_bad_input_is_one_line(bench, tmp_path, capsys, monkeypatch, content, args, says):
     _, speedrun = bench
     file = tmp_path / "results.jsonl"
     if content is not None:
         file.write_text(content)
-    args = [a.format(file=file, missing=tmp_path / "nope.md") for a in args]
+    args = [a.format(file=file, missing=tmp_path / "nope.md", folder=tmp_path) for a in args]
     code, out, err = speedrun_main(speedrun, capsys, monkeypatch, *args)
     assert code == 2 and err.count("\n") == 1 and says in err and err.startswith("error: "), err
     assert out == ""  # refused before measuring or training anything
