@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's scratchlm, installed or not
 
+import tomli_w  # noqa: E402
+
 from scratchlm.errors import UserError  # noqa: E402
 from scratchlm.files import atomic_write_text, read_json_lines  # noqa: E402
 
@@ -129,7 +131,8 @@ def load_runs(path: Path) -> list[dict]:
     for n, value in _results_lines(Path(path)):
         kind = value.get("kind") if isinstance(value, dict) else None
         needed = {"seed": SEED_FIELDS, "summary": SUMMARY_FIELDS}.get(kind)
-        if needed is None or any(k not in value for k in needed):
+        if needed is None or any(k not in value for k in needed) or value["mode"] not in ("time", "steps") \
+                or kind == "seed" and not all(_number(value[k]) for k in ("val_bpb", "steps", "tokens", "train_seconds")):
             raise UserError(f"{path}:{n}: not a line of bench/speedrun.py --json (a seed or summary object)")
         if kind == "seed":
             seeds.setdefault(value["run"], []).append(value)
@@ -139,6 +142,10 @@ def load_runs(path: Path) -> list[dict]:
         if not run["rows"]:
             raise UserError(f"{path}: the summary of run {run['run']} has no seed lines before it")
     return runs
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def pick(runs: list[dict], path: Path, mode: str, budget: float | None = None) -> dict:
@@ -168,8 +175,6 @@ def flat(table: dict, prefix: str = "") -> dict:
 
 def config_diff(config: dict, previous: dict) -> list[str]:
     """`--set` lines that turn the previous record's configuration into this one."""
-    import tomli_w
-
     new, old = flat(config), flat(previous)
     lines = []
     for key in sorted(set(new) | set(old)):

@@ -262,6 +262,10 @@ def test_speedrun_bad_input_is_one_line(bench, tmp_path, capsys, monkeypatch, co
 @pytest.mark.parametrize("content,says", [
     ("not json\n", "results.jsonl:1: not valid JSON"),
     ("[1, 2]\n", "results.jsonl:1: not a line"),
+    ('{"kind": "seed", "run": "a", "seed": 1, "mode": "time", "budget": 5, "val_bpb": "1.9", "steps": 1, '
+     '"tokens": 1, "train_seconds": 1}\n', "results.jsonl:1: not a line"),
+    ('{"kind": "seed", "run": "a", "seed": 1, "mode": "minutes", "budget": 5, "val_bpb": 1.9, "steps": 1, '
+     '"tokens": 1, "train_seconds": 1}\n', "results.jsonl:1: not a line"),
     ("\xff\n", "not UTF-8"),
     (None, "no such file"),
 ])
