@@ -4,6 +4,10 @@ VENV   ?= .venv
 # Pinned so that a CPU machine gets the CPU wheel instead of a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
+# llama.cpp, which the tests run the GGUF export in, compiles from source during the install: its tools only
+# (no tests or examples), one job per core (unbounded jobs can exhaust memory).
+LLAMA_CPP := CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF" \
+             LLAMA_CPP_BUILD_JOBS=$(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install demo test lint clean
 
@@ -13,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install "$(TORCH)"
-	$(BIN)/pip install -e ".[test]"
+	$(LLAMA_CPP) $(BIN)/pip install -e ".[test]"
 	touch $@
 
 demo: install

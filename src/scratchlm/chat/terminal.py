@@ -101,10 +101,15 @@ class ChatSession:
         """Add the user's message and stream the answer; the answer joins the conversation even when the
         stream is interrupted, as far as it got."""
         self.messages.append({"role": "user", "content": text})
+        try:
+            ids = self.prompt_ids()
+        except UserError:  # a template that refuses the conversation: it goes on without this message
+            self.messages.pop()
+            raise
         params = dataclasses.replace(self.params, stop_ids=self.prompter.stop_ids, stop=self.prompter.stop_strings)
         pieces: list[str] = []
         try:
-            for piece in stream_text(self.tokenizer, stream(self.model, self.prompt_ids(), params),
+            for piece in stream_text(self.tokenizer, stream(self.model, ids, params),
                                      stop=params.stop):
                 pieces.append(piece)
                 yield piece
@@ -145,6 +150,8 @@ def run(session: ChatSession, read: Callable[[str], str] = input, write: Callabl
             write("\n")
         except KeyboardInterrupt:
             write(" [stopped]\n")
+        except UserError as e:
+            write(f"error: {e}\n")
 
 
 def chat(checkpoint: str, device: str = "auto", system: str = "", params: SamplingParams = SAMPLING["chat"]) -> None:

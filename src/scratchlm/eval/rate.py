@@ -100,7 +100,7 @@ class Samples:
         self.loaded: dict[str, object] = {}
 
     def __call__(self, checkpoint: str, prompt: str, index: int) -> str:
-        from scratchlm.chat.template import Prompter, has_chat_tokens
+        from scratchlm.chat.template import Prompter
         from scratchlm.infer.generate import complete
         from scratchlm.loading import load
         from scratchlm.runtime import pick_device
@@ -109,8 +109,8 @@ class Samples:
             self.loaded[checkpoint] = load(checkpoint, pick_device(self.device))
         run = self.loaded[checkpoint]
         tok = run.tokenizer
-        if has_chat_tokens(tok):
-            prompter = Prompter(tok)
+        prompter = Prompter(tok)
+        if prompter.templated:
             ids = prompter.prompt([{"role": "user", "content": prompt}])
             stops, stop_text = prompter.stop_ids, prompter.stop_strings
         else:

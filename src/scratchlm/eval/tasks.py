@@ -192,16 +192,17 @@ def read_task(path: Path) -> list[Example] | list[Choice]:
 
 def generate_answers(model, tokenizer, examples: Sequence[Example], max_new_tokens: int = 64,
                      batch: int = 16) -> list[str]:
-    """Greedy answers. A tokenizer with the chat tokens gets the chat template and the reply ends at the
-    template's end token; any other model gets the plain prompt and answers with its first line."""
-    from scratchlm.chat.template import Prompter, has_chat_tokens
+    """Greedy answers. A model with a chat template (scratchlm's chat tokens, or its own Jinja template)
+    gets it and the reply ends at the template's end token; any other model gets the plain prompt and
+    answers with its first line."""
+    from scratchlm.chat.template import Prompter
     from scratchlm.infer.generate import complete_batch
     from scratchlm.infer.prompt import end_ids, plain_prompt
     from scratchlm.infer.sampling import SamplingParams
 
-    chat = has_chat_tokens(tokenizer)
+    prompter = Prompter(tokenizer)
+    chat = prompter.templated
     if chat:
-        prompter = Prompter(tokenizer)
         prompts = [prompter.prompt(e.messages) for e in examples]
         params = SamplingParams(max_new_tokens, temperature=0.0, stop_ids=prompter.stop_ids, stop=prompter.stop_strings)
     else:
