@@ -16,7 +16,7 @@ from pathlib import Path
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.gpt2 import spell, unspell, unspell_merge
-from scratchlm.tokenizer.hf import EOS_LIST_KEY, ROLES, settings_from_config, token_name
+from scratchlm.tokenizer.hf import EOS_LIST_KEY, ROLES, leading_token, settings_from_config, token_name
 
 # GGUF token types (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -251,7 +251,12 @@ def hf_settings(src: Path, tok: Tokenizer, model_vocab: int, chat_template: bool
             check_token_id(token, key, n, path)
         tok = _with_role(tok, role, token, key, path)
     tok = _with_role(tok, "eos_list", eos_list, EOS_LIST_KEY, config_path)
-    tok = tok.with_roles(add_bos=config.get("add_bos", False))
+    add_bos = config.get("add_bos", False)
+    # transformers takes a post-processor's leading token over add_bos_token; so does this.
+    first = leading_token(_json_object(src / "tokenizer.json"))
+    if first is not None:
+        tok, add_bos = _with_role(tok, "bos", first, "post_processor", src / "tokenizer.json"), True
+    tok = tok.with_roles(add_bos=add_bos)
     template, where = config.get("chat_template"), config_path
     jinja = src / "chat_template.jinja"
     if jinja.is_file():

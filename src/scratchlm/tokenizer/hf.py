@@ -106,6 +106,11 @@ def to_hf_dict(tok) -> dict:
         vocab[s] = i
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(specials.items(), key=lambda x: x[1])]
+    # As in GPT-2's file: the post-processor only adjusts offsets and adds no tokens, unless bos goes in
+    # front; transformers reads that from here alone, not from add_bos_token, when tokenizer.json exists.
+    post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    if tok.add_bos and tok.bos_id is not None:
+        post = {"type": "Sequence", "processors": [post, bos_template(tok.token_name(tok.bos_id), tok.bos_id)]}
     return {
         "version": "1.0",
         "truncation": None,
@@ -113,8 +118,7 @@ def to_hf_dict(tok) -> dict:
         "added_tokens": added,
         "normalizer": uncased_normalizer() if tok.uncased else None,
         "pre_tokenizer": dict(BYTE_LEVEL),
-        # As in GPT-2's file: the post-processor only adjusts offsets and adds no tokens.
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -123,6 +127,26 @@ def to_hf_dict(tok) -> dict:
             "merges": [f"{spell(a)} {spell(b)}" for a, b in tok.merges],
         },
     }
+
+
+def bos_template(name: str, i: int) -> dict:
+    """A post-processor that puts token `name` (id `i`) in front of every text."""
+    bos = {"SpecialToken": {"id": name, "type_id": 0}}
+    return {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {name: {"id": name, "ids": [i], "tokens": [name]}}}
+
+
+def leading_token(doc: Mapping) -> str | None:
+    """The special token a tokenizer.json's post-processor puts in front of every text, if any."""
+    post = doc.get("post_processor")
+    steps = post.get("processors") if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            first = (step.get("single") or [None])[0]
+            if isinstance(first, dict) and isinstance(first.get("SpecialToken"), dict):
+                return first["SpecialToken"].get("id")
+    return None
 
 
 def tokenizer_config(tok) -> dict:

@@ -19,7 +19,9 @@ import numpy as np
 from scratchlm.errors import UserError
 from scratchlm.files import atomic_write_text
 from scratchlm.tokenizer.gpt2 import spell, unspell
-from scratchlm.tokenizer.hf import ROLES, from_hf_dict, settings_config, settings_from_config, to_hf_dict, tokenizer_config
+from scratchlm.tokenizer.hf import (
+    ROLES, from_hf_dict, leading_token, settings_config, settings_from_config, to_hf_dict, tokenizer_config,
+)
 from scratchlm.tokenizer.normalize import normalize_uncased
 from scratchlm.tokenizer.pretokenize import (
     GPT2_SPLIT_PATTERN, PRETOKEN_RE, check_special_tokens, find_cut, special_regex, split_specials,
@@ -495,6 +497,8 @@ class Tokenizer:
                     tok = cls(vocab, merges, specials, uncased=uncased)
                 except ValueError as e:
                     raise UserError(f"{path}: cannot read this tokenizer.json: {e}") from None
+                if (first := leading_token(doc)) is not None:  # transformers adds it: so does bos here
+                    tok = tok._apply_settings({"bos_token": first, "add_bos_token": True}, str(path))
                 return tok._with_settings(path.with_name("tokenizer_config.json"))
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r} nor Hugging Face's")
