@@ -215,10 +215,10 @@ def _json_object(path: Path) -> dict:
 def hf_settings(src: Path, tok: Tokenizer, model_vocab: int, chat_template: bool = True) -> Tokenizer:
     """`tok` with the special-token roles, add_bos, end ids and chat template of a Hugging Face folder.
 
-    Token names come first, as transformers reads them (tokenizer_config.json, then
-    special_tokens_map.json); the ids of generation_config.json, then config.json, fill in the roles no
-    name gives, and their list of end ids (generation stops at any) is kept as `eos_list`. A role that
-    nothing names keeps the tokenizer's default. chat_template.jinja wins over tokenizer_config.json's
+    Roles are the token names transformers' tokenizer reads (tokenizer_config.json, then
+    special_tokens_map.json); the ids of generation_config.json, then config.json, give eos when no name
+    does, and their list of end ids (generation stops at any) is kept as `eos_list`. A role that nothing
+    names keeps the tokenizer's default. chat_template.jinja wins over tokenizer_config.json's
     template, as in transformers. Without `chat_template` the template is left out unread."""
     src = Path(src)
     n = _vocab_limit(tok, model_vocab)
@@ -245,7 +245,11 @@ def hf_settings(src: Path, tok: Tokenizer, model_vocab: int, chat_template: bool
                     eos_list, listed = ids, True
                 value = ids[0] if ids else None
             if value is not None:
-                roles.setdefault(role, (path, key, check_token_id(value, key, n, path)))
+                value = check_token_id(value, key, n, path)
+                # Only eos is taken from here: the bos and pad ids of a config are often its class's
+                # defaults, which the tokenizer transformers loads does not use.
+                if role == "eos":
+                    roles.setdefault(role, (path, key, value))
     for role, (path, key, token) in roles.items():
         if isinstance(token, int):
             check_token_id(token, key, n, path)
