@@ -279,7 +279,7 @@ def cmd_model_info(a):
 def cmd_convert(a):
     from scratchlm.convert import convert
 
-    for note in convert(a.src, a.dst, a.to, a.dtype, a.tokenizer, a.force):
+    for note in convert(a.src, a.dst, a.to, a.dtype, a.tokenizer, a.force, chat_template=not a.no_chat_template):
         print(f"note: {note}")
     print(f"wrote {a.dst} ({a.to})")
 
@@ -471,6 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"], help="weights (q8_0: GGUF only)")
     s.add_argument("--tokenizer", help="a scratchlm tokenizer folder to use instead of the source's")
     s.add_argument("--force", action="store_true", help="replace an existing destination")
+    s.add_argument("--no-chat-template", action="store_true",
+                   help="leave the source's chat template out (one that does not parse as Jinja is refused)")
     s.set_defaults(func=cmd_convert)
     return p
 

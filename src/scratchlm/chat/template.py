@@ -144,7 +144,8 @@ def stop_ids(tokenizer: Tokenizer) -> tuple[int, ...]:
     """Where a reply ends: `<|end|>`; `<eos>`, for a model taught that instead; and a role token, which
     could only begin a new message (an undertrained model sometimes skips the `<|end|>`)."""
     specials = tokenizer.special_tokens
-    return tuple(specials[t] for t in (END, "<eos>", USER, SYSTEM, ASSISTANT) if t in specials)
+    own = [specials[t] for t in (END, "<eos>", USER, SYSTEM, ASSISTANT) if t in specials]
+    return tuple(dict.fromkeys(own + list(tokenizer.stop_ids)))
 
 
 def fit_history(tokenizer: Tokenizer, messages: Sequence[Message], budget: int,
@@ -256,8 +257,7 @@ class Prompter:
             return tuple(dict.fromkeys(i for i in ids if i is not None))
         if self.templated:
             return stop_ids(self.tokenizer)
-        eos = self.tokenizer.eos_id
-        return (eos,) if eos is not None else ()
+        return tuple(self.tokenizer.stop_ids)
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -282,7 +282,7 @@ def add_chat_tokens(tokenizer: Tokenizer, model: nn.Module | None = None,
     for t in added:
         specials[t] = len(vocab)
         vocab[len(vocab)] = t.encode("utf-8")
-    new = Tokenizer(vocab, tokenizer.merges, specials, uncased=tokenizer.uncased)
+    new = Tokenizer(vocab, tokenizer.merges, specials, uncased=tokenizer.uncased).with_roles(**tokenizer.roles)
     if model is not None:
         resize_vocab(model, max(new.vocab_size, model.config.vocab_size), [specials[t] for t in added],
                      known=tokenizer.vocab_size)

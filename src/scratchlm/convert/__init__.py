@@ -35,17 +35,18 @@ def source_format(src: Path) -> str:
                     f"(config.json) nor a GGUF file")
 
 
-def read(src: Path, tokenizer: Path | None = None) -> Bundle:
-    """Any supported source as a Bundle; `tokenizer` (a scratchlm tokenizer folder) replaces its own."""
+def read(src: Path, tokenizer: Path | None = None, chat_template: bool = True) -> Bundle:
+    """Any supported source as a Bundle; `tokenizer` (a scratchlm tokenizer folder) replaces its own.
+    Without `chat_template` the source's chat template is neither checked nor carried over."""
     kind = source_format(src)
     if kind == "gguf":
         from scratchlm.convert.gguf import read_gguf
 
-        bundle = read_gguf(src)
+        bundle = read_gguf(src, chat_template)
     elif kind == "hf":
         from scratchlm.convert.hf import read_hf
 
-        bundle = read_hf(src)
+        bundle = read_hf(src, chat_template)
     else:
         bundle = read_run(src)
     if tokenizer is not None:
@@ -53,6 +54,10 @@ def read(src: Path, tokenizer: Path | None = None) -> Bundle:
 
         bundle.tokenizer = Tokenizer.load(tokenizer)
         bundle.notes = [n for n in bundle.notes if "tokenizer" not in n]
+    if not chat_template:
+        if bundle.tokenizer is not None:
+            bundle.tokenizer = bundle.tokenizer.with_roles(chat_template=None)
+        bundle.notes.append("chat template left out (--no-chat-template)")
     return bundle
 
 
@@ -67,10 +72,12 @@ def check_destination(src: Path, dst: Path, force: bool = False) -> None:
 
 
 def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "f32",
-            tokenizer: str | Path | None = None, force: bool = False) -> list[str]:
+            tokenizer: str | Path | None = None, force: bool = False, chat_template: bool = True) -> list[str]:
     """Convert `src` into format `to` at `dst`; returns notes on anything that could not be carried over.
     The export is built under a temporary name and renamed into place whole, so `dst` never holds half
-    of one; an existing `dst` is replaced only with `force`."""
+    of one; an existing `dst` is replaced only with `force`. The tokenizer's special tokens and chat
+    template go along; `chat_template=False` leaves the template out (for a source whose template is
+    broken)."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise UserError(f"--to {to} is not one of {', '.join(TARGETS)}")
@@ -79,7 +86,7 @@ def convert(src: str | Path, dst: str | Path, to: str, dtype: str = "f32",
     if to == source_format(src):
         raise UserError(f"{src} is already in {to} format")
     check_destination(src, dst, force)
-    bundle = read(src, Path(tokenizer) if tokenizer else None)
+    bundle = read(src, Path(tokenizer) if tokenizer else None, chat_template)
     notes = list(bundle.notes)
     if to == "hf":
         from scratchlm.convert.hf import write_hf

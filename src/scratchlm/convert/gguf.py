@@ -165,11 +165,16 @@ def _add_tokenizer(w, bundle: Bundle) -> list[str]:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(tok.add_bos)
     for setter, tid in ((w.add_bos_token_id, tok.bos_id), (w.add_eos_token_id, tok.eos_id),
                         (w.add_pad_token_id, tok.pad_id), (w.add_unk_token_id, tok.unk_id)):
         if tid is not None:
             setter(tid)
+    if tok.chat_template is not None:
+        w.add_chat_template(tok.chat_template)
+    dropped = [i for i in tok.stop_ids if i != tok.eos_id]
+    if dropped:
+        return [f"end ids {dropped} besides eos not written: GGUF names one end-of-sequence token"]
     return []
 
 
@@ -183,9 +188,10 @@ def _fields(reader) -> dict:
     return out
 
 
-def read_gguf(src: Path) -> Bundle:
-    """A GGUF file of architecture 'llama': config from its metadata, every tensor dequantized to float32."""
-    from scratchlm.convert.vocab import tokenizer_from_gguf
+def read_gguf(src: Path, chat_template: bool = True) -> Bundle:
+    """A GGUF file of architecture 'llama': config from its metadata, every tensor dequantized to float32,
+    and the tokenizer with its special tokens and chat template (left out unread without `chat_template`)."""
+    from scratchlm.convert.vocab import gguf_settings, tokenizer_from_gguf
     from scratchlm.loading import check_shapes, model_shapes
 
     gguf = require("gguf", "reading GGUF")
@@ -254,5 +260,9 @@ def read_gguf(src: Path) -> Bundle:
         tokenizer, note = tokenizer_from_gguf(f, str(src))
     except UserError as e:
         tokenizer, note = None, f"tokenizer not imported: {e}"
+    if tokenizer is not None:
+        # A bad role or template is refused, not noted: a model that never stops, or chats in the wrong
+        # format, is worse than no conversion.
+        tokenizer = gguf_settings(f, tokenizer, cfg.vocab_size, str(src), chat_template)
     name = f.get("general.name") or src.stem
     return Bundle(cfg, weights, tokenizer, name=str(name), notes=[note] if note else [])

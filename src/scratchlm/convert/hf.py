@@ -110,6 +110,9 @@ def write_hf(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32, repl
     check_weights(cfg, bundle.weights, bundle.name)
     kwargs = to_hf_config(cfg)
     kwargs.pop("model_type")
+    tok = bundle.tokenizer
+    if tok is not None:
+        kwargs.update(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     if family == "llama":
         hf_cfg, model_cls, sd = transformers.LlamaConfig(**kwargs), transformers.LlamaForCausalLM, to_llama(bundle.weights, cfg)
     else:
@@ -124,6 +127,11 @@ def write_hf(bundle: Bundle, dst: Path, dtype: torch.dtype = torch.float32, repl
     if cfg.tie_embeddings:
         model.tie_weights()
     model = model.to(dtype)
+    if tok is not None:
+        # transformers' generate stops at the generation config's eos, which may list several ids.
+        model.generation_config = transformers.GenerationConfig(
+            bos_token_id=tok.bos_id, pad_token_id=tok.pad_id,
+            eos_token_id=list(tok.eos_list) if tok.eos_list is not None else tok.eos_id)
     notes = []
     with atomic_dir(Path(dst), replace=replace) as tmp:
         model.save_pretrained(tmp)
@@ -141,10 +149,10 @@ def _write_tokenizer(bundle: Bundle, dst: Path) -> str:
     return ""
 
 
-def read_hf(src: Path) -> Bundle:
+def read_hf(src: Path, chat_template: bool = True) -> Bundle:
     """A Hugging Face folder of model_type llama or gpt2: config, weights and, when it is byte-level BPE,
-    the tokenizer."""
-    from scratchlm.convert.vocab import tokenizer_from_hf_folder
+    the tokenizer with its special tokens and chat template (left out unread without `chat_template`)."""
+    from scratchlm.convert.vocab import hf_settings, tokenizer_from_hf_folder
 
     src = Path(src)
     try:
@@ -177,6 +185,8 @@ def read_hf(src: Path) -> Bundle:
         tokenizer, note = tokenizer_from_hf_folder(src)
     except UserError as e:
         tokenizer, note = None, f"tokenizer not imported: {e}"
+    if tokenizer is not None:
+        tokenizer = hf_settings(src, tokenizer, cfg.vocab_size, chat_template)
     return Bundle(cfg, weights, tokenizer, name=src.name, notes=[note] if note else [])
 
 

@@ -40,14 +40,17 @@ def read_prompt(text: str, escapes: bool = True, flag: str = "--prompt") -> str:
 
 
 def plain_prompt(tokenizer, text: str) -> tuple[list[int], tuple[int, ...]]:
-    """The token ids of `text`, and the stop ids of its continuation (`end_ids`). An empty prompt starts
-    from `<bos>`, or from a line break for a tokenizer without one, since a model needs a token to continue."""
-    ids = tokenizer.encode(text)
+    """The token ids of `text`, after bos when the tokenizer puts one in front (`add_bos`), and the stop
+    ids of its continuation (`end_ids`). An empty prompt starts from bos, or from a line break for a
+    tokenizer without one, since a model needs a token to continue."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    ids = (bos if tokenizer.add_bos else []) + tokenizer.encode(text)
     if not ids:
-        ids = [tokenizer.bos_id] if tokenizer.bos_id is not None else tokenizer.encode("\n")
+        ids = bos or tokenizer.encode("\n")
     return ids, end_ids(tokenizer)
 
 
 def end_ids(tokenizer) -> tuple[int, ...]:
-    """Where a plain continuation ends: `<eos>`, when the tokenizer has it."""
-    return (tokenizer.eos_id,) if tokenizer.eos_id is not None else ()
+    """Where a plain continuation ends: the tokenizer's stop ids (its eos, and the other end ids its
+    model's generation config lists)."""
+    return tuple(tokenizer.stop_ids)

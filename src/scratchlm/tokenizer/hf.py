@@ -106,6 +106,11 @@ def to_hf_dict(tok) -> dict:
         vocab[s] = i
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for s, i in sorted(specials.items(), key=lambda x: x[1])]
+    # As in GPT-2's file: the post-processor only adjusts offsets and adds no tokens, unless bos goes in
+    # front; transformers reads that from here alone, not from add_bos_token, when tokenizer.json exists.
+    post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+    if tok.add_bos and tok.bos_id is not None:
+        post = {"type": "Sequence", "processors": [post, bos_template(tok.token_name(tok.bos_id), tok.bos_id)]}
     return {
         "version": "1.0",
         "truncation": None,
@@ -113,8 +118,7 @@ def to_hf_dict(tok) -> dict:
         "added_tokens": added,
         "normalizer": uncased_normalizer() if tok.uncased else None,
         "pre_tokenizer": dict(BYTE_LEVEL),
-        # As in GPT-2's file: the post-processor only adjusts offsets and adds no tokens.
-        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
         "model": {
             "type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -125,14 +129,97 @@ def to_hf_dict(tok) -> dict:
     }
 
 
+def bos_template(name: str, i: int) -> dict:
+    """A post-processor that puts token `name` (id `i`) in front of every text."""
+    bos = {"SpecialToken": {"id": name, "type_id": 0}}
+    return {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {name: {"id": name, "ids": [i], "tokens": [name]}}}
+
+
+def leading_token(doc: Mapping) -> str | None:
+    """The special token a tokenizer.json's post-processor puts in front of every text, if any."""
+    post = doc.get("post_processor")
+    steps = post.get("processors") if isinstance(post, dict) and post.get("type") == "Sequence" else [post]
+    for step in steps if isinstance(steps, list) else []:
+        if isinstance(step, dict) and step.get("type") == "TemplateProcessing":
+            first = (step.get("single") or [None])[0]
+            if isinstance(first, dict) and isinstance(first.get("SpecialToken"), dict):
+                return first["SpecialToken"].get("id")
+    return None
+
+
 def tokenizer_config(tok) -> dict:
-    """`tokenizer_config.json`, so `transformers.AutoTokenizer` can load the folder."""
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-           "model_max_length": 1_000_000_000_000}
-    for name in ("bos", "eos", "pad", "unk"):
-        if f"<{name}>" in tok.special_tokens:
-            cfg[f"{name}_token"] = f"<{name}>"
+    """`tokenizer_config.json`, so `transformers.AutoTokenizer` can load the folder with the same special
+    tokens and chat template."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+            "model_max_length": 1_000_000_000_000, **settings_config(tok)}
+
+
+# ----------------------------------------------------------------------------- special-token roles
+ROLES = ("bos", "eos", "pad", "unk")
+EOS_LIST_KEY = "scratchlm_eos_list"  # a generation_config's list of end ids, which no tokenizer key holds
+
+
+def settings_config(tok) -> dict:
+    """The special-token roles, add_bos, eos list and chat template of `tok` under Hugging Face's
+    tokenizer_config.json keys (and one of scratchlm's). A role is written when it is set, or as null when
+    the token that would be its default (`<bos>` ...) exists, so that reading back cannot take that one;
+    the rest only when they differ from the defaults, which keeps the files of earlier runs unchanged."""
+    cfg: dict = {}
+    for role in ROLES:
+        i = getattr(tok, f"{role}_id")
+        if i is not None or f"<{role}>" in tok.special_tokens:
+            cfg[f"{role}_token"] = None if i is None else tok.token_name(i)
+    if tok.add_bos:
+        cfg["add_bos_token"] = True
+    if tok.eos_list is not None:
+        cfg[EOS_LIST_KEY] = list(tok.eos_list)
+    if tok.chat_template is not None:
+        cfg["chat_template"] = tok.chat_template
     return cfg
+
+
+def token_name(value, key: str, where: str) -> str | None:
+    """A token as tokenizer_config.json or special_tokens_map.json names it: its text, or an AddedToken
+    object holding it under "content"."""
+    if isinstance(value, dict) and "content" in value:
+        value = value["content"]
+    if value is None or isinstance(value, str):
+        return value
+    raise UserError(f"{where}: {key} = {value!r} is not a token's text")
+
+
+def chat_template_value(value, where: str) -> str | None:
+    """A chat template as tokenizer_config.json holds it: text, or a list of named templates (the one
+    named "default" is the chat template)."""
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        value = named.get("default")
+    if value is None or isinstance(value, str):
+        return value
+    raise UserError(f"{where}: chat_template is not text")
+
+
+def settings_from_config(cfg: Mapping, where: str) -> dict:
+    """`Tokenizer.with_roles` keyword arguments from the keys of a tokenizer_config.json that are present;
+    token names stay names, for `with_roles` to look up."""
+    out: dict = {}
+    for role in ROLES:
+        if f"{role}_token" in cfg:
+            out[role] = token_name(cfg[f"{role}_token"], f"{role}_token", where)
+    if "add_bos_token" in cfg:
+        if not isinstance(cfg["add_bos_token"], bool):
+            raise UserError(f"{where}: add_bos_token = {cfg['add_bos_token']!r} is not true or false")
+        out["add_bos"] = cfg["add_bos_token"]
+    if EOS_LIST_KEY in cfg:
+        ids = cfg[EOS_LIST_KEY]
+        if ids is not None and not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+            raise UserError(f"{where}: {EOS_LIST_KEY} = {ids!r} is not a list of token ids")
+        out["eos_list"] = ids
+    if "chat_template" in cfg:
+        out["chat_template"] = chat_template_value(cfg["chat_template"], where)
+    return out
 
 
 # ----------------------------------------------------------------------------- import

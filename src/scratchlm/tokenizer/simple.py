@@ -46,7 +46,8 @@ class SimpleTokenizer:
         return {UNK: 0}
 
     unk_id = 0
-    bos_id = eos_id = pad_id = None
+    bos_id = eos_id = pad_id = chat_template = None
+    add_bos, stop_ids = False, ()
 
     def token_to_id(self, token: str) -> int:
         return self._ids[token]

@@ -8,6 +8,7 @@ BPE file of that format, and scratchlm's earlier hex format.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -17,7 +18,10 @@ import numpy as np
 
 from scratchlm.errors import UserError
 from scratchlm.files import atomic_write_text
-from scratchlm.tokenizer.hf import from_hf_dict, to_hf_dict, tokenizer_config
+from scratchlm.tokenizer.gpt2 import spell, unspell
+from scratchlm.tokenizer.hf import (
+    ROLES, from_hf_dict, leading_token, settings_config, settings_from_config, to_hf_dict, tokenizer_config,
+)
 from scratchlm.tokenizer.normalize import normalize_uncased
 from scratchlm.tokenizer.pretokenize import (
     GPT2_SPLIT_PATTERN, PRETOKEN_RE, check_special_tokens, find_cut, special_regex, split_specials,
@@ -25,6 +29,7 @@ from scratchlm.tokenizer.pretokenize import (
 
 FORMAT = "scratchlm-bpe"
 FILENAME = "tokenizer.json"
+_KEEP = object()  # with_roles: leave this setting as it is
 
 class Tokenizer:
     """Byte-level BPE tokenizer.
@@ -33,6 +38,11 @@ class Tokenizer:
     list of strings (found in `vocab` by their UTF-8 bytes, appended if absent), a dict str -> id, or
     None: then the vocab entries of several bytes that no merge makes are the special tokens.
     Special tokens in the text are always encoded as their ids; where two overlap, the longest wins.
+
+    Beside the vocabulary a tokenizer carries what a model needs to know about its special tokens: which
+    one is bos, eos, pad and unk (`<bos>` ... by default, when present), whether a bos goes in front of a
+    prompt (`add_bos`), the end ids a model's generation config lists (`eos_list`) and its chat template.
+    `with_roles` sets them; `save` and `load` keep them in tokenizer_config.json under Hugging Face's keys.
     """
 
     def __init__(self, vocab: Mapping[int, bytes], merges: Iterable[tuple[bytes, bytes]],
@@ -59,6 +69,10 @@ class Tokenizer:
         self._special_re = special_regex(self._specials)
         self._cache: dict[str, list[int]] = {}
         self._tt = None
+        self._roles: dict[str, int | None] = {r: self._specials.get(f"<{r}>") for r in ROLES}
+        self.add_bos = False
+        self.eos_list: tuple[int, ...] | None = None
+        self.chat_template: str | None = None
 
     def _place_specials(self, special_tokens) -> dict[str, int]:
         if special_tokens is None:
@@ -346,14 +360,68 @@ class Tokenizer:
             lengths[i] = 0
         return lengths
 
-    bos_id = property(lambda self: self._specials.get("<bos>"), doc="id of `<bos>`, or None")
-    eos_id = property(lambda self: self._specials.get("<eos>"), doc="id of `<eos>`, or None")
-    pad_id = property(lambda self: self._specials.get("<pad>"), doc="id of `<pad>`, or None")
-    unk_id = property(lambda self: self._specials.get("<unk>"), doc="id of `<unk>`, or None")
+    bos_id = property(lambda self: self._roles["bos"], doc="id of the beginning-of-sequence token, or None")
+    eos_id = property(lambda self: self._roles["eos"], doc="id of the end-of-sequence token, or None")
+    pad_id = property(lambda self: self._roles["pad"], doc="id of the padding token, or None")
+    unk_id = property(lambda self: self._roles["unk"], doc="id of the unknown token, or None")
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids generation stops at: eos, then the other ids of `eos_list`."""
+        eos = () if self.eos_id is None else (self.eos_id,)
+        return tuple(dict.fromkeys(eos + (self.eos_list or ())))
+
+    def token_name(self, i: int) -> str:
+        """A token as Hugging Face's files name it: a special token's text, an ordinary token's bytes
+        spelled in GPT-2's byte alphabet."""
+        for s, j in self._specials.items():
+            if j == i:
+                return s
+        return spell(self.id_to_bytes(i))
+
+    def _token_id(self, token: int | str, role: str) -> int:
+        if isinstance(token, bool) or not isinstance(token, (int, str)):
+            raise ValueError(f"{role} token {token!r} is neither a token id nor a token's name")
+        if isinstance(token, int):
+            if not 0 <= token < len(self._vocab):
+                raise ValueError(f"{role} token id {token} is outside the vocabulary of {len(self._vocab)} tokens")
+            return token
+        if token in self._specials:
+            return self._specials[token]
+        data = unspell(token)
+        if data is None or data not in self._encoder:
+            raise ValueError(f"{role} token {token!r} is not a token of this vocabulary")
+        return self._encoder[data]
+
+    def with_roles(self, *, bos=_KEEP, eos=_KEEP, pad=_KEEP, unk=_KEEP, add_bos=_KEEP, eos_list=_KEEP,
+                   chat_template=_KEEP) -> Tokenizer:
+        """A copy of this tokenizer with the settings given changed. A role token (bos, eos, pad, unk, and
+        each of `eos_list`) is an id or a name as `token_name` gives it; None clears a role, and an
+        `eos_list` of None says the model names only eos. ValueError for a token the vocabulary lacks."""
+        new = copy.copy(self)
+        new._roles = dict(self._roles)
+        for role, token in (("bos", bos), ("eos", eos), ("pad", pad), ("unk", unk)):
+            if token is not _KEEP:
+                new._roles[role] = None if token is None else self._token_id(token, role)
+        if add_bos is not _KEEP:
+            new.add_bos = bool(add_bos)
+        if eos_list is not _KEEP:
+            new.eos_list = None if eos_list is None else tuple(self._token_id(t, "eos") for t in eos_list)
+        if chat_template is not _KEEP:
+            if chat_template is not None and not isinstance(chat_template, str):
+                raise ValueError("the chat template is not text")
+            new.chat_template = chat_template
+        return new
+
+    @property
+    def roles(self) -> dict:
+        """The settings `with_roles` takes, as this tokenizer has them: `other.with_roles(**tok.roles)`
+        gives `other` (a vocabulary that extends this one) the same."""
+        return {**self._roles, "add_bos": self.add_bos, "eos_list": self.eos_list, "chat_template": self.chat_template}
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, merges={len(self._merges)}, "
-                f"special_tokens={list(self._specials)}, uncased={self.uncased})")
+                f"special_tokens={list(self._specials)}, uncased={self.uncased}, bos={self.bos_id}, eos={self.eos_id})")
 
     def __getstate__(self):
         # The tiktoken object and the cache are rebuilt on demand, which keeps pickles small and portable.
@@ -402,11 +470,14 @@ class Tokenizer:
         return directory
 
     def _legacy_dict(self) -> dict:
+        # The roles go in the file itself: a tokenizer_config.json beside it would send transformers
+        # to a tokenizer.json it cannot read.
         return {
             "format": FORMAT, "version": 1, "pattern": GPT2_SPLIT_PATTERN, "uncased": self.uncased,
             "special_tokens": self._specials,
             "vocab": [b.hex() for b in self._vocab],
             "merges": [f"{a.hex()} {b.hex()}" for a, b in self._merges],
+            **settings_config(self),
         }
 
     @classmethod
@@ -423,9 +494,12 @@ class Tokenizer:
             if isinstance(doc, dict) and "model" in doc and "format" not in doc:
                 vocab, merges, specials, uncased = from_hf_dict(doc, str(path))
                 try:
-                    return cls(vocab, merges, specials, uncased=uncased)
+                    tok = cls(vocab, merges, specials, uncased=uncased)
                 except ValueError as e:
                     raise UserError(f"{path}: cannot read this tokenizer.json: {e}") from None
+                if (first := leading_token(doc)) is not None:  # transformers adds it: so does bos here
+                    tok = tok._apply_settings({"bos_token": first, "add_bos_token": True}, str(path))
+                return tok._with_settings(path.with_name("tokenizer_config.json"))
             if doc.get("format") != FORMAT:
                 raise ValueError(f"format is {doc.get('format')!r}, not {FORMAT!r} nor Hugging Face's")
             if doc.get("pattern", GPT2_SPLIT_PATTERN) != GPT2_SPLIT_PATTERN:
@@ -434,9 +508,28 @@ class Tokenizer:
             merges = [tuple(bytes.fromhex(h) for h in m.split(" ")) for m in doc["merges"]]
             if any(len(m) != 2 for m in merges):
                 raise ValueError("a merge is not a pair")
-            return cls(vocab, merges, dict(doc["special_tokens"]), uncased=bool(doc.get("uncased", False)))
+            tok = cls(vocab, merges, dict(doc["special_tokens"]), uncased=bool(doc.get("uncased", False)))
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise UserError(f"malformed tokenizer file {path}: {e}") from None
+        return tok._apply_settings(doc, str(path))
+
+    def _with_settings(self, config: Path) -> Tokenizer:
+        """This tokenizer with the roles and template of `config` (a tokenizer_config.json), if any."""
+        if not config.is_file():
+            return self
+        try:
+            cfg = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{config} cannot be read: {e}") from None
+        if not isinstance(cfg, dict):
+            raise UserError(f"{config} is not a JSON object")
+        return self._apply_settings(cfg, str(config))
+
+    def _apply_settings(self, cfg: dict, where: str) -> Tokenizer:
+        try:
+            return self.with_roles(**settings_from_config(cfg, where))
+        except ValueError as e:
+            raise UserError(f"{where}: {e}") from None
 
     @classmethod
     def from_gpt2_files(cls, vocab_path: str | os.PathLike, merges_path: str | os.PathLike) -> Tokenizer:
