@@ -175,10 +175,10 @@ def test_render_template_renders_as_transformers(tokenizers, template, name):
             expected = hf_text(hf, messages, gen, tpl)
         except Exception as e:  # the template refuses: render_template says the same, on one line
             with pytest.raises(UserError, match="refused this conversation: Conversation roles must alternate") as got:
-                render_template(tpl, messages, gen, "<bos>", "<eos>")
+                render_template(tpl, messages, gen, hf.bos_token, hf.eos_token)
             assert "\n" not in str(got.value) and "must alternate" in str(e)
             continue
-        assert render_template(tpl, messages, gen, "<bos>", "<eos>") == expected
+        assert render_template(tpl, messages, gen, hf.bos_token, hf.eos_token) == expected
 
 
 def test_alternating_template_refuses_two_user_turns_as_transformers_does(tokenizers):

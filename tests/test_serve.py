@@ -280,11 +280,12 @@ def test_tokenizer_endpoints_for_harnesses(server):
     tok = server.loaded.tokenizer
     status, body = raw(server, "POST", "/tokenize", {"prompt": "Hi <eos>", "add_special_tokens": False})
     ids = json.loads(body)["tokens"]
-    assert status == 200 and ids == tok.encode("Hi <eos>") and ids[-1] == tok.eos_id
+    assert status == 200 and ids == tok.encode("Hi <eos>") and ids[-1] == tok.special_tokens["<eos>"]
     status, body = raw(server, "POST", "/detokenize", {"tokens": ids})
     assert json.loads(body) == {"prompt": "Hi <eos>"}
     status, body = raw(server, "GET", "/tokenizer_info")
     info = json.loads(body)
-    assert info["eos_token"] == "<eos>" and info["bos_token"] == "<bos>" and info["model_max_length"] == 64
+    # a chat model's end of sequence is the end of a reply (chat.template.with_chat_roles)
+    assert info["eos_token"] == "<|end|>" and info["bos_token"] == "<bos>" and info["model_max_length"] == 64
     status, body = raw(server, "POST", "/detokenize", {"tokens": [10**7]})
     assert status == 400 and json.loads(body)["error"]["param"] == "tokens"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from scratchlm.chat.jinja import check_template, render_guarded, render_template
+from scratchlm.chat.jinja import SCRATCHLM_TEMPLATE, check_template, render_guarded, render_template
 from scratchlm.errors import UserError
 from scratchlm.tokenizer import Tokenizer
 
@@ -276,7 +276,7 @@ def add_chat_tokens(tokenizer: Tokenizer, model: nn.Module | None = None,
     if not added:
         if model is not None and model.config.vocab_size < tokenizer.vocab_size:
             resize_vocab(model, tokenizer.vocab_size, [])
-        return tokenizer, []
+        return with_chat_roles(tokenizer), []
     vocab = tokenizer.vocab
     specials = dict(have)
     for t in added:
@@ -286,7 +286,20 @@ def add_chat_tokens(tokenizer: Tokenizer, model: nn.Module | None = None,
     if model is not None:
         resize_vocab(model, max(new.vocab_size, model.config.vocab_size), [specials[t] for t in added],
                      known=tokenizer.vocab_size)
-    return new, added
+    return with_chat_roles(new), added
+
+
+def with_chat_roles(tokenizer: Tokenizer) -> Tokenizer:
+    """A tokenizer with scratchlm's chat tokens, set up for the world outside scratchlm: its Jinja chat
+    template (`SCRATCHLM_TEMPLATE`, which renders the ids `render` gives) and `<|end|>` as its end of
+    sequence, since every reply ends there, with `<eos>` kept as a second stop token. Exports write both,
+    so transformers and llama.cpp format a conversation as the model was trained and stop where it does.
+    A tokenizer that already carries a template, or lacks the chat tokens, is returned as it is."""
+    if tokenizer.chat_template is not None or not has_chat_tokens(tokenizer):
+        return tokenizer
+    end = tokenizer.special_tokens[END]
+    stops = [end] + [i for i in (tokenizer.eos_id,) if i is not None and i != end]
+    return tokenizer.with_roles(eos=end, eos_list=stops, chat_template=SCRATCHLM_TEMPLATE)
 
 
 @torch.no_grad()

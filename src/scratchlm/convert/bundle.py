@@ -47,6 +47,10 @@ def read_run(path: Path) -> Bundle:
     weights = {k: v.float() for k, v in read_weights(ckpt, cfg, config_path).items()}
     tok_dir = run_dir / "tokenizer"
     tokenizer = Tokenizer.load(tok_dir) if (tok_dir / "tokenizer.json").is_file() else None
+    if tokenizer is not None:
+        from scratchlm.chat.template import with_chat_roles
+
+        tokenizer = with_chat_roles(tokenizer)  # a chat run from before tokenizers carried their template
     return Bundle(cfg, weights, tokenizer, name=run_dir.name)
 
 
