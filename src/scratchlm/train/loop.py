@@ -11,6 +11,7 @@ sizing the learning-rate schedule to the measured step time (train/budget.py); t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -162,7 +163,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
     reshaping = _batch_schedules(cfg, job.batches, d)
-    throughput = Throughput(flops_per_token(cfg.model), peak_flops(device, compute_dtype(device, tc.precision)), d.world)
+    flops_at = functools.cache(lambda window: flops_per_token(cfg.model, window))   # builds a model on meta: once a size
+    throughput = Throughput(flops_at(cfg.model.context), peak_flops(device, compute_dtype(device, tc.precision)), d.world)
     saved_at = state["step"] if resume_from is not None else None
 
     def save() -> None:
@@ -201,7 +203,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
                 state["step"] += 1
                 state["tokens"] += tokens
                 state["train_seconds"] += dt
-                throughput.add(tokens, dt)
+                throughput.add(tokens, dt, flops_at(shape.window))
                 step = state["step"]
                 bar.total = None if total >= UNSIZED else max(step, round(total))
                 bar.update(1)
