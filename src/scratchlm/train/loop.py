@@ -153,6 +153,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
     if tc.threads:
         torch.set_num_threads(tc.threads)
     budget = Budget(tc.minutes * 60, tc.max_steps)
+    reshaping = _batch_schedules(cfg, job.batches, d)
     resume_from = open_run(out_dir, cfg, job.tokenizer_dir, d)
     if resume_from is not None:
         load_weights(job.model, resume_from)
@@ -162,7 +163,6 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
         _restore(resume_from, state, s, job.batches)
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
-    reshaping = _batch_schedules(cfg, job.batches, d)
     flops_at = functools.cache(lambda window: flops_per_token(cfg.model, window))   # builds a model on meta: once a size
     throughput = Throughput(flops_at(cfg.model.context), peak_flops(device, compute_dtype(device, tc.precision)), d.world)
     saved_at = state["step"] if resume_from is not None else None
@@ -268,10 +268,10 @@ def _batch_schedules(cfg: RunConfig, batches, d: dist.Dist) -> bool:
     packed examples, which a shorter row would cut)."""
     if not scheduled(cfg.train):
         return False
-    cfg.train.check_batch_schedules(cfg.model.context, d.world)
     if not getattr(batches, "reshapes", False):
         raise UserError("train.seq_len_start and train.batch_start_tokens apply to pretraining only; "
                         "set them to 0 for this stage (sft.train.seq_len_start=0, sft.train.batch_start_tokens=0)")
+    cfg.train.check_batch_schedules(cfg.model.context, d.world)
     return True
 
 
