@@ -124,6 +124,8 @@ def test_a_short_window_is_the_start_of_the_full_one_and_the_processes_split_the
     assert short[0].shape == (6, 4) and torch.equal(short[0], full[0][:, :4]) and torch.equal(short[1], full[1][:, :4])
     ranks = [RandomWindows([shard], 16, 4, seed=7, rank=r, world=2).next_batch(3, 4)[0] for r in range(2)]
     assert torch.equal(torch.cat(ranks), short[0])
+    with pytest.raises(ValueError, match="longer than the context"):
+        RandomWindows([shard], 16, 4, seed=7).next_batch(6, 17)
 
 
 # tiny runs

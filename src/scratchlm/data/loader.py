@@ -36,9 +36,11 @@ class RandomWindows:
         self.generator = torch.Generator().manual_seed(seed)
 
     def next_batch(self, rows: int = 0, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """`rows` rows (0: `batch`) of `window` tokens (0: `context`, never more) on this process. A shorter
-        window is drawn from the same offsets as a full one, so the data seen is spread as it is then."""
-        rows, window = rows or self.batch, min(window or self.context, self.context)
+        """`rows` rows (0: `batch`) of `window` tokens (0: `context`) on this process. A shorter window
+        is the start of the full one the same draw would give."""
+        rows, window = rows or self.batch, window or self.context
+        if window > self.context:
+            raise ValueError(f"a window of {window} tokens is longer than the context, {self.context}")
         picks = torch.randint(int(self.starts[-1]), (rows * self.world,), generator=self.generator)
         picks = picks[self.rank * rows:(self.rank + 1) * rows].tolist()
         batch = []
