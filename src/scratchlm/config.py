@@ -276,6 +276,11 @@ class TrainConfig:
     keep_best: bool = True           # also keep the checkpoint with the best validation loss
     resume: str = "no"               # no | auto (continue the run in the output folder when there is one)
     threads: int = 0                 # CPU threads for PyTorch; 0: all cores
+    # Schedules of the batch (train/accumulation.py): each off at 0; the fractions are of the run's progress.
+    seq_len_start: int = 0           # tokens per row at the start, growing to model.context; 0: full rows throughout
+    seq_len_warmup: float = 0.25     # fraction of the run over which the rows grow to model.context
+    batch_start_tokens: int = 0      # tokens per optimizer step at the start, growing to the full batch; 0: full
+    batch_warmup: float = 0.25       # fraction of the run over which the step grows to the full batch
 
     # Each list is what the code that reads the field accepts (train.loop, train.optim, train.distributed,
     # train.loggers): a misspelling fails here, not after minutes of training.
@@ -293,7 +298,9 @@ class TrainConfig:
                               "beta1": FRACTION, "beta2": FRACTION, "grad_clip": AT_LEAST_0,
                               "eval_every": AT_LEAST_0, "eval_tokens": AT_LEAST_0, "checkpoint_every": AT_LEAST_0,
                               "keep_checkpoints": AT_LEAST_0, "log_every": AT_LEAST_1, "threads": AT_LEAST_0,
-                              "muon_weight_decay": RangeOrUnset(-1, start=0, fallback="weight_decay")}
+                              "muon_weight_decay": RangeOrUnset(-1, start=0, fallback="weight_decay"),
+                              "seq_len_start": AT_LEAST_0, "seq_len_warmup": Range(0, 1, low_open=True),
+                              "batch_start_tokens": AT_LEAST_0, "batch_warmup": Range(0, 1, low_open=True)}
 
     def validate(self, section: str = "train") -> None:
         """`section` names the table in messages: [sft.train] is checked with this too."""
@@ -304,6 +311,19 @@ class TrainConfig:
     def muon_decay(self) -> float:
         """The weight decay of Muon's matrices: muon_weight_decay, or weight_decay where that is -1."""
         return self.weight_decay if self.muon_weight_decay == -1 else self.muon_weight_decay
+
+    def check_batch_schedules(self, context: int, world: int = 1, section: str = "train") -> None:
+        """The schedules' starts against what they grow to: the model's context and the full batch on
+        `world` processes (build_config checks one; the training loop again, knowing how many there are)."""
+        from scratchlm.train.accumulation import full_batch_tokens
+
+        if self.seq_len_start > context:
+            raise UserError(f"{section}.seq_len_start = {self.seq_len_start} is longer than model.context = "
+                            f"{context}; lower it (0 turns the sequence-length warmup off)")
+        full = full_batch_tokens(self, context, world)
+        if self.batch_start_tokens > full:
+            raise UserError(f"{section}.batch_start_tokens = {self.batch_start_tokens:,} is more than the full batch "
+                            f"of {full:,} tokens per step; lower it (0 turns the batch-size warmup off)")
 
 
 @dataclass
@@ -444,6 +464,7 @@ def build_config(table: dict, overrides: list[str] = (), source: str = "config")
         cfg.data.validate()
         cfg.model.validate()
         cfg.train.validate()
+        cfg.train.check_batch_schedules(cfg.model.context)
         # [train] passed, so a value out of range here is one that [sft.train] set.
         dataclasses.replace(cfg.train, **cfg.sft.train).validate("sft.train")
         cfg.sft.validate()

@@ -16,6 +16,8 @@ from scratchlm.errors import UserError
 class RandomWindows:
     """Endless (x, y) batches of `context` tokens, y being x shifted by one, at uniform random offsets."""
 
+    reshapes = True   # next_batch takes each batch's rows and window length (train/accumulation.py)
+
     def __init__(self, shards: list[np.ndarray], context: int, batch: int, seed: int, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1):
         # A window is context + 1 tokens (inputs and targets shifted by one), so a shard of that length
@@ -33,15 +35,20 @@ class RandomWindows:
         self.starts = np.cumsum([0] + [len(s) - context for s in self.shards])
         self.generator = torch.Generator().manual_seed(seed)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = torch.randint(int(self.starts[-1]), (self.batch * self.world,), generator=self.generator)
-        picks = picks[self.rank * self.batch:(self.rank + 1) * self.batch].tolist()
-        rows = []
+    def next_batch(self, rows: int = 0, window: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rows` rows (0: `batch`) of `window` tokens (0: `context`) on this process. A shorter window
+        is the start of the full one the same draw would give."""
+        rows, window = rows or self.batch, window or self.context
+        if window > self.context:
+            raise ValueError(f"a window of {window} tokens is longer than the context, {self.context}")
+        picks = torch.randint(int(self.starts[-1]), (rows * self.world,), generator=self.generator)
+        picks = picks[self.rank * rows:(self.rank + 1) * rows].tolist()
+        batch = []
         for p in picks:
             i = bisect.bisect_right(self.starts, p) - 1
             off = p - self.starts[i]
-            rows.append(np.asarray(self.shards[i][off:off + self.context + 1], dtype=np.int64))
-        data = torch.from_numpy(np.stack(rows))
+            batch.append(np.asarray(self.shards[i][off:off + window + 1], dtype=np.int64))
+        data = torch.from_numpy(np.stack(batch))
         if self.device.type == "cuda":
             data = data.pin_memory().to(self.device, non_blocking=True)
         else:

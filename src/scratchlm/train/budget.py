@@ -37,5 +37,11 @@ class Budget:
             return UNSIZED
         return max(step + 1, step * self.seconds / seconds)
 
+    def progress(self, step: int, seconds: float) -> float:
+        """The fraction of the run done, as the learning-rate schedule sees it: steps over the schedule's
+        length. Under a time budget that is the fraction of the seconds spent, whatever each step cost:
+        steps of different sizes (train/accumulation.py) move it by their share of the time."""
+        return min(1.0, step / self.total_steps(step, seconds))
+
     def done(self, step: int, seconds: float) -> bool:
         return bool(self.max_steps and step >= self.max_steps) or bool(self.seconds and seconds >= self.seconds)

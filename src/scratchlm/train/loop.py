@@ -11,6 +11,7 @@ sizing the learning-rate schedule to the measured step time (train/budget.py); t
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import signal
 import time
@@ -30,7 +31,7 @@ from scratchlm.runtime import autocast_for, compute_dtype, eval_mode, pick_devic
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.accumulation import accumulation_steps, rows_per_step
+from scratchlm.train.accumulation import StepShape, accumulation_steps, scheduled, step_shape
 from scratchlm.train.budget import UNSIZED, Budget
 from scratchlm.train.mfu import Throughput, peak_flops
 from scratchlm.train.optim import build_optimizer, lr_at, set_lr
@@ -101,17 +102,18 @@ class Stepper:
     scaler: torch.amp.GradScaler | None
 
 
-def train_step(s: Stepper, batches, d: dist.Dist) -> tuple[float, float, bool]:
-    """One optimizer step: the gradients of `s.accum` micro-batches summed (the processes' averaged on
-    the last), unscaled, clipped, and applied unless the loss or the gradient norm is not finite, in
-    which case they are dropped. Returns (loss, gradient norm, applied)."""
-    loss_sum = 0.0
-    for micro in range(s.accum):
-        x, y = batches.next_batch()
-        last = micro == s.accum - 1
+def train_step(s: Stepper, batches, d: dist.Dist, shape: StepShape | None = None) -> tuple[float, float, bool]:
+    """One optimizer step: the gradients of `s.accum` micro-batches (or those of `shape`, drawn in its
+    shape) summed (the processes' averaged on the last), unscaled, clipped, and applied unless the loss
+    or the gradient norm is not finite, in which case they are dropped. Returns (loss, gradient norm,
+    applied)."""
+    loss_sum, accum = 0.0, shape.micro_batches if shape else s.accum
+    for micro in range(accum):
+        x, y = batches.next_batch(shape.rows, shape.window) if shape else batches.next_batch()
+        last = micro == accum - 1
         with contextlib.nullcontext() if last or not hasattr(s.wrapped, "no_sync") else s.wrapped.no_sync():
             with s.autocast() if s.autocast else contextlib.nullcontext():
-                loss = s.loss_of(x, y) / s.accum
+                loss = s.loss_of(x, y) / accum
             (s.scaler.scale(loss) if s.scaler else loss).backward()
         loss_sum = loss_sum + loss.detach()
     if s.scaler:
@@ -151,6 +153,7 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
     if tc.threads:
         torch.set_num_threads(tc.threads)
     budget = Budget(tc.minutes * 60, tc.max_steps)
+    reshaping = _batch_schedules(cfg, job.batches, d)
     resume_from = open_run(out_dir, cfg, job.tokenizer_dir, d)
     if resume_from is not None:
         load_weights(job.model, resume_from)
@@ -160,8 +163,8 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
         _restore(resume_from, state, s, job.batches)
         if d.main:
             print(f"resuming {out_dir} from step {state['step']}", flush=True)
-    tokens_per_step = rows_per_step(tc, cfg.model.context, d.world) * cfg.model.context
-    throughput = Throughput(flops_per_token(cfg.model), peak_flops(device, compute_dtype(device, tc.precision)), d.world)
+    flops_at = functools.cache(lambda window: flops_per_token(cfg.model, window))   # builds a model on meta: once a size
+    throughput = Throughput(flops_at(cfg.model.context), peak_flops(device, compute_dtype(device, tc.precision)), d.world)
     saved_at = state["step"] if resume_from is not None else None
 
     def save() -> None:
@@ -188,22 +191,26 @@ def fit(cfg: RunConfig, out_dir: str | Path, job: TrainJob, progress: bool = Tru
                 total = budget.total_steps(state["step"], state["train_seconds"])
                 lr = lr_at(state["step"], total, tc)
                 set_lr(s.optimizer, lr)
+                # the tokens counted are those drawn: with the schedules off, the full batch every step
+                shape = step_shape(tc, cfg.model.context, d.world, budget.progress(state["step"], state["train_seconds"]))
+                tokens = shape.tokens(d.world)
                 t0 = time.perf_counter()
-                loss, norm, ok = train_step(s, job.batches, d)
+                loss, norm, ok = train_step(s, job.batches, d, shape if reshaping else None)
                 dt = time.perf_counter() - t0
                 bad_steps = 0 if ok else bad_steps + 1
                 if not ok:
                     _skipped(state["step"], loss, norm, bad_steps, out_dir, d)
                 state["step"] += 1
-                state["tokens"] += tokens_per_step
+                state["tokens"] += tokens
                 state["train_seconds"] += dt
-                throughput.add(tokens_per_step, dt)
+                throughput.add(tokens, dt, flops_at(shape.window))
                 step = state["step"]
                 bar.total = None if total >= UNSIZED else max(step, round(total))
                 bar.update(1)
 
                 if step % tc.log_every == 0 or budget.done(step, state["train_seconds"]):   # and the last step
-                    _log_step(log, bar, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm}, state, throughput)
+                    _log_step(log, bar, {"step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                                         "window": shape.window, "batch_tokens": tokens}, state, throughput)
                 if tc.eval_every and step % tc.eval_every == 0:
                     row = _evaluate(job, s, step, tc.eval_tokens, d, sample=not (d.active and tc.parallel == "fsdp"))
                     log.write({"step": step, "tokens": state["tokens"], **row})
@@ -253,6 +260,19 @@ def _stepper(cfg: RunConfig, model: Transformer, device: torch.device, d: dist.D
     return Stepper(model, wrapped, loss_of, optimizer, accumulation_steps(tc, cfg.model.context, d.world),
                    tc.grad_clip, clip_grad_norm, autocast_for(device, tc.precision),
                    torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None)
+
+
+def _batch_schedules(cfg: RunConfig, batches, d: dist.Dist) -> bool:
+    """Whether the steps change shape along the run (train/accumulation.py): checked against the full
+    batch on this many processes, and refused for a batch source that draws one shape only (SFT's
+    packed examples, which a shorter row would cut)."""
+    if not scheduled(cfg.train):
+        return False
+    if not getattr(batches, "reshapes", False):
+        raise UserError("train.seq_len_start and train.batch_start_tokens apply to pretraining only; "
+                        "set them to 0 for this stage (sft.train.seq_len_start=0, sft.train.batch_start_tokens=0)")
+    cfg.train.check_batch_schedules(cfg.model.context, d.world)
+    return True
 
 
 def _restore(resume_from: Path, state: dict, s: Stepper, batches) -> None:

@@ -65,16 +65,18 @@ class Throughput:
 
     def __init__(self, flops_per_token: float, peak: float | None, world: int = 1):
         self.flops_per_token, self.peak, self.world = flops_per_token, peak, world
-        self.tokens, self.seconds = 0, 0.0
+        self.tokens, self.seconds, self.flops = 0, 0.0, 0.0
 
-    def add(self, tokens: int, seconds: float) -> None:
+    def add(self, tokens: int, seconds: float, flops_per_token: float | None = None) -> None:
+        """`flops_per_token`: for steps of rows shorter than the context, whose attention costs less."""
         self.tokens += tokens
         self.seconds += seconds
+        self.flops += tokens * (flops_per_token or self.flops_per_token)
 
     def read(self) -> dict:
-        rate = self.tokens / max(self.seconds, 1e-9)
-        self.tokens, self.seconds = 0, 0.0
-        row = {"tokens_per_s": rate}
+        seconds = max(self.seconds, 1e-9)
+        row = {"tokens_per_s": self.tokens / seconds}
         if self.peak:
-            row["mfu"] = self.flops_per_token * rate / self.world / self.peak
+            row["mfu"] = self.flops / seconds / self.world / self.peak
+        self.tokens, self.seconds, self.flops = 0, 0.0, 0.0
         return row
