@@ -230,3 +230,14 @@ def test_a_batch_source_of_one_shape_is_refused_in_one_line():
         _batch_schedules(cfg, Packed(), dist.Dist())
     assert _batch_schedules(cfg, RandomWindows([np.arange(100, dtype=np.uint16)], 32, 4, seed=0), dist.Dist())
     assert not _batch_schedules(build_config({}, ["model.context=32"]), Packed(), dist.Dist())
+
+
+def test_sft_stage_does_not_inherit_the_pretraining_batch_schedules():
+    from scratchlm.sft.train import stage_config
+
+    cfg = build_config({"train": {"seq_len_start": 64, "batch_start_tokens": 512}})
+    stage = stage_config(cfg).train
+    assert (stage.seq_len_start, stage.batch_start_tokens) == (0, 0)
+    assert cfg.train.seq_len_start == 64   # the pretraining stage keeps them
+    asked = build_config({"train": {"seq_len_start": 64}, "sft": {"train": {"seq_len_start": 32}}})
+    assert stage_config(asked).train.seq_len_start == 32   # asked for in [sft.train]: kept, and refused at the start

@@ -33,9 +33,12 @@ from scratchlm.train.loop import TrainJob, fit
 
 
 def stage_config(cfg: RunConfig) -> RunConfig:
-    """A copy of `cfg` with `[sft.train]` applied over `[train]`: the settings this stage trains with."""
+    """A copy of `cfg` with `[sft.train]` applied over `[train]`: the settings this stage trains with.
+    The batch schedules of pretraining are not inherited (SFT's rows are whole packed examples); set in
+    `[sft.train]` itself, they are refused where training starts."""
     cfg = copy.deepcopy(cfg)
-    cfg.train = dataclasses.replace(cfg.train, **cfg.sft.train)
+    pretraining_only = {"seq_len_start": 0, "batch_start_tokens": 0}
+    cfg.train = dataclasses.replace(cfg.train, **{**pretraining_only, **cfg.sft.train})
     return cfg
 
 
