@@ -49,12 +49,13 @@ def greedy(model, prompt: list[int], n: int, stop: tuple[int, ...] = ()) -> list
         return generate(model, prompt, SamplingParams(max_new_tokens=n, temperature=0.0, stop_ids=stop))
 
 
-def shortfalls(model, prompt: list[int], picks: list[int]) -> list[float]:
-    """For each token llama.cpp picked, how far its logit lies below the best one in scratchlm's model,
-    given the same tokens before it (0 where both pick the same)."""
+def shortfalls_and_gaps(model, prompt: list[int], picks: list[int]) -> tuple[list[float], list[float]]:
+    """Given the tokens llama.cpp picked, step by step in scratchlm's model: how far the logit of llama.cpp's
+    pick lies below the best one (0 where both pick the same), and how far the best lies above the second."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + picks[:-1]]))[0, len(prompt) - 1:].double()
-    return (logits.max(-1).values - logits[range(len(picks)), picks]).tolist()
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - logits[range(len(picks)), picks]).tolist(), (top[:, 0] - top[:, 1]).tolist()
 
 
 def llama_tokens(server, text: str) -> list[int]:
@@ -68,7 +69,7 @@ def test_tiny_trained_run_exported_to_gguf_decodes_the_same_in_llama_cpp(llama_c
                                                                          monkeypatch, single_thread):
     monkeypatch.setenv("SCRATCHLM_CACHE", str(tmp_path / "cache"))
     cfg = load_config(recipe_path("shakespeare-cpu.toml"),
-                      [f"data.dataset={play_text}", *tiny_run("train.max_steps=30", "train.eval_every=0")])
+                      [f"data.dataset={play_text}", *tiny_run("train.max_steps=120", "train.eval_every=0")])
     run = tmp_path / "run"
     pretrain(cfg, run, progress=False)
     assert main(["convert", str(run), str(tmp_path / "tiny.gguf"), "--to", "gguf"]) == 0
@@ -137,8 +138,10 @@ def test_smollm2_f32_export_decodes_the_same_in_llama_cpp(smollm2, smollm2_f32_s
 def test_smollm2_f16_export_decodes_as_its_rounded_weights_do(smollm2, llama_cpp):
     """f16 weights in llama.cpp against scratchlm running the same f16-rounded weights. llama.cpp also rounds
     each matrix product's input vector to f16 (its f16 kernels multiply f16 by f16), which scratchlm does
-    not, so the two may part at a near tie. Where they part, llama.cpp's pick must lie within 0.05 of the
-    best logit of scratchlm's model (the logits span tens of units); before that, the tokens must agree."""
+    not, so the two could part where scratchlm's two best tokens are close. The tolerance: each token
+    llama.cpp picks lies within 0.05 of the best logit in scratchlm's model (SmolLM2's logits span tens of
+    units), and the tokens are the same up to the first step whose two best logits are that close. On the
+    machine this was written on, all 64 tokens of three prompts were the same."""
     _, folder, run = smollm2
     rounded = scratchlm.load(folder / "run").model
     with torch.no_grad():
@@ -150,8 +153,10 @@ def test_smollm2_f16_export_decodes_as_its_rounded_weights_do(smollm2, llama_cpp
     with lb.LlamaServer(folder / "f16.gguf", threads=2, context=256, folder=llama_cpp) as server:
         theirs = server.complete(prompt, NEW)["tokens"]
     assert len(theirs) == NEW
-    assert max(shortfalls(rounded, prompt, theirs)) <= 0.05
-    assert theirs[:8] == ours[:8]
+    shortfalls, gaps = shortfalls_and_gaps(rounded, prompt, theirs)
+    assert max(shortfalls) <= 0.05
+    near_tie = next((i for i, gap in enumerate(gaps) if gap <= 0.05), NEW)
+    assert theirs[:near_tie] == ours[:near_tie]
 
 
 @pytest.mark.slow
