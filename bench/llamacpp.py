@@ -20,7 +20,9 @@ llama.cpp is timed by `llama-bench -p 0 -n N -r 1` (a warm-up run, then N tokens
 an empty context; tokens/s over all N). scratchlm is timed as bench/generate.py times it (`run_ours`): a
 one-token prompt, then N new tokens, greedy; tokens/s over the steps after the first. Both on the same number
 of threads (`--threads`). The sides take turns, round after round, so a change in the machine's load hits
-both; each side's best round is reported with the spread of its rounds ((best - worst) / best).
+both; each side's best round is reported with the spread of its rounds ((best - worst) / best). Beside
+them, the rate torch's own matrix-vector products allow (`matvec_ceiling`): one product per weight matrix
+of the model, nothing else, in scratchlm's dtype.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # before torch imports tqdm: loading bars would bury the table
@@ -121,6 +124,21 @@ def scratchlm_rate(model: torch.nn.Module, tokens: int) -> float:
     return rate
 
 
+def matvec_ceiling(model: torch.nn.Module, rounds: int = 5) -> float:
+    """Tokens/s if a decode step were nothing but torch's own matrix-vector products, one per weight matrix
+    of the model in its current dtype (what every CPU decoder must read once a token): the ceiling that
+    torch's kernels put on scratchlm, beside which the rest of its step (attention, norms, Python) shows."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first pass warms the kernels up
+        start = time.perf_counter()
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        best = min(best, time.perf_counter() - start)
+    return 1 / best
+
+
 def measure(name: str, model: torch.nn.Module, f32: Path, folder: Path, a) -> list[dict]:
     bf16 = a.best == "bf16"
     pairings = [("f32", torch.float32, "f32", f32),
@@ -140,7 +158,7 @@ def measure(name: str, model: torch.nn.Module, f32: Path, folder: Path, a) -> li
             print(f"  {name}, scratchlm {precision} / llama.cpp {theirs_precision}, round {r + 1}: "
                   f"{ours[-1]:.1f} vs {theirs[-1]:.1f} tokens/s (load {load_line()})", file=sys.stderr, flush=True)
         rows.append({"model": name, "ours_precision": precision, "theirs_precision": theirs_precision,
-                     "ours": ours, "theirs": theirs, "record": record})
+                     "ours": ours, "theirs": theirs, "record": record, "ceiling": matvec_ceiling(model)})
     model.to(torch.float32)
     return rows
 
@@ -151,11 +169,12 @@ def spread(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| model | scratchlm | llama.cpp | scratchlm tok/s (spread) | llama.cpp tok/s (spread) | "
-             "scratchlm / llama.cpp |", "|---|---|---|---|---|---|"]
+             "scratchlm / llama.cpp | torch matvec ceiling tok/s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ours, theirs = max(r["ours"]), max(r["theirs"])
         lines.append(f"| {r['model']} | {r['ours_precision']} | {r['theirs_precision']} | {ours:.1f} "
-                     f"({spread(r['ours'])}) | {theirs:.1f} ({spread(r['theirs'])}) | {ours / theirs:.2f}x |")
+                     f"({spread(r['ours'])}) | {theirs:.1f} ({spread(r['theirs'])}) | {ours / theirs:.2f}x | "
+                     f"{r['ceiling']:.1f} |")
     return "\n".join(lines)
 
 
