@@ -82,7 +82,8 @@ def test_tiny_trained_run_exported_to_gguf_decodes_the_same_in_llama_cpp(llama_c
 
     with lb.LlamaServer(tmp_path / "tiny.gguf", threads=1, context=loaded.config.model.context,
                         extra=EXACT, folder=llama_cpp) as server:
-        assert llama_tokens(server, text) == prompt        # the vocabulary and merges travelled
+        for sample in (text, "JULIET.\nSweet heaven doth love thee, fair night,\n\nNURSE."):
+            assert llama_tokens(server, sample) == tok.encode(sample)  # the vocabulary and merges travelled
         theirs = server.complete(prompt, new)["tokens"]
     assert len(set(ours)) > 1  # a run that repeats one token would prove little
     assert theirs == ours
@@ -121,13 +122,17 @@ def smollm2_f32_server(smollm2, llama_cpp):
 
 PROMPT = "The capital of France is"
 NEW = 24
+# Digits, punctuation, runs of spaces, accents, CJK and an emoji: text where tokenizers' splitting differs.
+TEXTS = [PROMPT, "In 2024, 12345 people paid $3.50 each.", "Don't stop\u2014it's 10:30 AM!  Tabs\tand   spaces\n\nnew",
+         "na\u00efve caf\u00e9 \u6771\u4eac \U0001f642"]
 
 
 @pytest.mark.slow
 def test_smollm2_f32_export_decodes_the_same_in_llama_cpp(smollm2, smollm2_f32_server):
     _, _, run = smollm2
     prompt = run.tokenizer.encode(PROMPT)
-    assert llama_tokens(smollm2_f32_server, PROMPT) == prompt
+    for text in TEXTS:
+        assert llama_tokens(smollm2_f32_server, text) == run.tokenizer.encode(text)
     ours = greedy(run.model, prompt, NEW)
     answer = smollm2_f32_server.complete(prompt, NEW)
     assert answer["tokens"] == ours
