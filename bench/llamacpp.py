@@ -159,7 +159,6 @@ def measure(name: str, model: torch.nn.Module, f32: Path, folder: Path, a) -> li
                   f"{ours[-1]:.1f} vs {theirs[-1]:.1f} tokens/s (load {load_line()})", file=sys.stderr, flush=True)
         rows.append({"model": name, "ours_precision": precision, "theirs_precision": theirs_precision,
                      "ours": ours, "theirs": theirs, "record": record, "ceiling": matvec_ceiling(model)})
-    model.to(torch.float32)
     return rows
 
 
