@@ -1,22 +1,31 @@
 """A chat model made by `scratchlm sft`, exported, chats elsewhere as it does in scratchlm: transformers
 formats the conversation with the exported Jinja template into the ids scratchlm's chat gives, its greedy
 reply is scratchlm's, and its generation stops at the end of the reply by itself; the GGUF export carries
-the same template and end token. (llama.cpp's side is in test_llamacpp.py.)"""
+the same template and end token, and llama.cpp's server chats with it as scratchlm does.
+
+The base model has a small trained BPE vocabulary, not bare bytes: llama.cpp refuses a GGUF tokenizer
+without merges."""
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from test_sft_train import PAIRS, sft_config, write_qa
-from tiny_chat import make_run, one_thread
+from tiny_chat import BASE_SPECIALS, one_thread, tiny_model
 
 import scratchlm
 from scratchlm.chat.jinja import SCRATCHLM_TEMPLATE
 from scratchlm.chat.terminal import ChatSession
+from scratchlm.config import RunConfig
 from scratchlm.convert import convert
 from scratchlm.infer.sampling import SamplingParams
 from scratchlm.sft.train import finetune
+from scratchlm.tokenizer import Tokenizer
+from scratchlm.tokenizer.bpe import train_bpe_on_texts
+from scratchlm.train.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -27,11 +36,26 @@ CONVERSATIONS = [
 ] + [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who made you?"}]]
 
 
+def bpe_base_run(path: Path) -> Path:
+    """A base run folder with a 320-token BPE tokenizer trained on the questions and answers, and a tiny
+    untrained model (sft teaches it everything it says)."""
+    texts = [f"{q} {a}" for q, a in PAIRS] + ["Be brief."]
+    vocab, merges = train_bpe_on_texts([texts * 8], 320, BASE_SPECIALS, progress=False)
+    tok = Tokenizer(vocab, merges, BASE_SPECIALS)
+    model = tiny_model(tok.vocab_size, scale=8.0, context=48)
+    cfg = RunConfig()
+    cfg.model = model.config
+    tok.save(path / "tokenizer")
+    cfg.save(path / "config.toml")
+    save_checkpoint(path, 1, model, None, {"tokens": 0})
+    return path
+
+
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
     """A tiny base model fine-tuned until it answers PAIRS exactly, ending each reply with <|end|>."""
     tmp = tmp_path_factory.mktemp("chat")
-    base = make_run(tmp / "base", chat=False, context=48)
+    base = bpe_base_run(tmp / "base")
     qa = write_qa(tmp / "qa.json", PAIRS)
     with one_thread():
         finetune(sft_config(base, [qa], max_steps=200), tmp / "chat", progress=False)
@@ -84,3 +108,28 @@ def test_the_gguf_export_carries_the_template_and_the_end_token(chat_run, tmp_pa
     back = scratchlm.load(tmp_path / "back", "cpu")
     assert back.tokenizer.chat_template == SCRATCHLM_TEMPLATE and back.tokenizer.eos_id == specials[END]
     json.dumps(fields, default=str)  # every field decodes
+
+
+def test_the_gguf_export_chats_in_llama_cpp_as_scratchlm_does(chat_run, tmp_path):
+    """llama-server (when llama.cpp is installed: the test extras build it) formats the conversation with the
+    template the GGUF carries into scratchlm's prompt ids, and its greedy reply, ended at <|end|>, is
+    scratchlm chat's."""
+    spec = importlib.util.spec_from_file_location("llamacpp_bin", Path(__file__).parents[1] / "bench" / "llamacpp_bin.py")
+    lb = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lb)
+    try:
+        folder = lb.bin_dir()
+    except lb.LlamaCppMissing as e:
+        pytest.skip(str(e))
+    convert(chat_run, tmp_path / "chat.gguf", "gguf")
+    loaded = scratchlm.load(chat_run, "cpu")
+    exact = ["--cache-type-k", "f32", "--cache-type-v", "f32"]
+    with lb.LlamaServer(tmp_path / "chat.gguf", threads=1, context=48, extra=exact, folder=folder) as server:
+        assert server.get("/props")["chat_template"] == SCRATCHLM_TEMPLATE
+        for messages in CONVERSATIONS:
+            prompt, reply = scratchlm_reply(loaded, messages)
+            answer = server.post("/v1/chat/completions", {"messages": messages, "temperature": 0, "max_tokens": 16})
+            choice = answer["choices"][0]
+            assert answer["usage"]["prompt_tokens"] == len(prompt)
+            assert choice["finish_reason"] == "stop"
+            assert choice["message"]["content"].strip() == reply

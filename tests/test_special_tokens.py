@@ -337,3 +337,13 @@ def test_lm_eval_hf_backend_runs_on_the_smollm2_export(smol):
         logp = torch.log_softmax(run.model(x)[0, :-1].float(), -1)
     assert lls[1] == pytest.approx(logp.gather(1, x[0, 1:, None]).sum().item(), abs=1e-3)
     assert "<|im_end|>" not in text and text.strip()
+
+
+def test_a_gguf_export_says_what_llama_cpp_will_not_take_or_was_left_out(tmp_path):
+    """A bytes-only tokenizer has no merges, which GGUF cannot store as an empty list and llama.cpp then
+    refuses; a chat model's second end id (<eos> besides <|end|>) has no GGUF key. Both are said."""
+    from tiny_chat import make_run
+
+    notes = convert(make_run(tmp_path / "run"), tmp_path / "m.gguf", "gguf")
+    assert any("no merges" in n and "llama.cpp" in n for n in notes)
+    assert any("end ids [259] besides eos" in n for n in notes)

@@ -172,10 +172,13 @@ def _add_tokenizer(w, bundle: Bundle) -> list[str]:
             setter(tid)
     if tok.chat_template is not None:
         w.add_chat_template(tok.chat_template)
+    notes = []
+    if not merges:  # the gguf library writes no empty array, and llama.cpp needs the key
+        notes.append("the tokenizer has no merges (single bytes only): llama.cpp refuses a GGUF file without them")
     dropped = [i for i in tok.stop_ids if i != tok.eos_id]
     if dropped:
-        return [f"end ids {dropped} besides eos not written: GGUF names one end-of-sequence token"]
-    return []
+        notes.append(f"end ids {dropped} besides eos not written: GGUF names one end-of-sequence token")
+    return notes
 
 
 def _fields(reader) -> dict:
