@@ -41,5 +41,7 @@ def test_override_syntax():
 
 
 def test_shipped_recipes_load():
-    for name in ("shakespeare-cpu.toml", "shakespeare-gpu.toml"):
+    names = sorted(p.name for p in recipe_path("shakespeare-cpu.toml").parent.glob("*.toml"))
+    assert {"shakespeare-cpu.toml", "shakespeare-gpu-frontier.toml", "gpt2-124m-frontier.toml"} <= set(names)
+    for name in names:
         load_config(recipe_path(name))
