@@ -36,6 +36,20 @@ def read_json_lines(path: Path) -> Iterator[tuple[int, object]]:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, None when there is no such file, or UserError (one line naming the file)
+    when it cannot be read or holds something other than an object."""
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} cannot be read: {e}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} is not a JSON object")
+    return doc
+
+
 def fsync_dir(path: Path) -> None:
     """Make a rename inside `path` durable (a rename is only as durable as its directory entry)."""
     fd = os.open(path, os.O_RDONLY)

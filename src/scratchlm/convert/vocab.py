@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from scratchlm.errors import UserError
+from scratchlm.files import read_json_object
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.tokenizer.gpt2 import spell, unspell, unspell_merge
 from scratchlm.tokenizer.hf import EOS_LIST_KEY, ROLES, leading_token, settings_from_config, token_name
@@ -201,15 +202,7 @@ def gguf_settings(fields: dict, tok: Tokenizer, model_vocab: int, source: str,
 
 
 def _json_object(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} cannot be read: {e}") from None
-    if not isinstance(doc, dict):
-        raise UserError(f"{path} is not a JSON object")
-    return doc
+    return read_json_object(path) or {}
 
 
 def hf_settings(src: Path, tok: Tokenizer, model_vocab: int, chat_template: bool = True) -> Tokenizer:

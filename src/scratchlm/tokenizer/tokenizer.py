@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchlm.errors import UserError
-from scratchlm.files import atomic_write_text
+from scratchlm.files import atomic_write_text, read_json_object
 from scratchlm.tokenizer.gpt2 import spell, unspell
 from scratchlm.tokenizer.hf import (
     ROLES, from_hf_dict, leading_token, settings_config, settings_from_config, to_hf_dict, tokenizer_config,
@@ -515,15 +515,8 @@ class Tokenizer:
 
     def _with_settings(self, config: Path) -> Tokenizer:
         """This tokenizer with the roles and template of `config` (a tokenizer_config.json), if any."""
-        if not config.is_file():
-            return self
-        try:
-            cfg = json.loads(config.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{config} cannot be read: {e}") from None
-        if not isinstance(cfg, dict):
-            raise UserError(f"{config} is not a JSON object")
-        return self._apply_settings(cfg, str(config))
+        cfg = read_json_object(config)
+        return self if cfg is None else self._apply_settings(cfg, str(config))
 
     def _apply_settings(self, cfg: dict, where: str) -> Tokenizer:
         try:
