@@ -312,15 +312,27 @@ class TrainConfig:
         """The weight decay of Muon's matrices: muon_weight_decay, or weight_decay where that is -1."""
         return self.weight_decay if self.muon_weight_decay == -1 else self.muon_weight_decay
 
+    def accumulation_steps(self, context: int, world: int = 1) -> int:
+        """Micro-batches per optimizer step: as many as fit in `batch_tokens` (at least one)."""
+        if not self.batch_tokens:
+            return 1
+        return max(1, self.batch_tokens // (self.micro_batch * world * context))
+
+    def rows_per_step(self, context: int, world: int = 1) -> int:
+        """Rows (sequences) one optimizer step learns from, all processes together."""
+        return self.micro_batch * world * self.accumulation_steps(context, world)
+
+    def full_batch_tokens(self, context: int, world: int = 1) -> int:
+        """Tokens per optimizer step once the batch schedules are done, all processes together."""
+        return self.rows_per_step(context, world) * context
+
     def check_batch_schedules(self, context: int, world: int = 1, section: str = "train") -> None:
         """The schedules' starts against what they grow to: the model's context and the full batch on
         `world` processes (build_config checks one; the training loop again, knowing how many there are)."""
-        from scratchlm.train.accumulation import full_batch_tokens
-
         if self.seq_len_start > context:
             raise UserError(f"{section}.seq_len_start = {self.seq_len_start} is longer than model.context = "
                             f"{context}; lower it (0 turns the sequence-length warmup off)")
-        full = full_batch_tokens(self, context, world)
+        full = self.full_batch_tokens(context, world)
         if self.batch_start_tokens > full:
             raise UserError(f"{section}.batch_start_tokens = {self.batch_start_tokens:,} is more than the full batch "
                             f"of {full:,} tokens per step; lower it (0 turns the batch-size warmup off)")

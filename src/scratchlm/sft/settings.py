@@ -11,7 +11,6 @@ from scratchlm.config import SFTConfig, TrainConfig
 from scratchlm.errors import UserError
 from scratchlm.sft.data import SFTBatches, SFTSource, parse_source
 from scratchlm.sft.persona import Persona
-from scratchlm.train.accumulation import rows_per_step
 
 PERSONA_KEYS = ("name", "about", "creator", "extra")
 
@@ -86,4 +85,4 @@ def rows_per_epoch(batches: SFTBatches) -> int:
 
 def steps_for_epochs(epochs: float, batches: SFTBatches, train: TrainConfig, world: int = 1) -> int:
     """Optimizer steps for `epochs` passes, each step learning from the rows the loop gives it."""
-    return max(1, math.ceil(epochs * rows_per_epoch(batches) / rows_per_step(train, batches.context, world)))
+    return max(1, math.ceil(epochs * rows_per_epoch(batches) / train.rows_per_step(batches.context, world)))

@@ -2,7 +2,8 @@
 
 A micro-batch is `train.micro_batch` rows (sequences) of `context` tokens on each of `world` processes.
 `train.batch_tokens` asks for that many tokens per optimizer step, so the loop accumulates the gradients
-of several micro-batches; the step then sees
+of several micro-batches; the step then sees (TrainConfig.accumulation_steps, rows_per_step,
+full_batch_tokens: the config checks its schedules with them)
 
     rows_per_step   = micro_batch * world * accumulation_steps   rows, and
     rows_per_step * context                                       tokens.
@@ -33,23 +34,6 @@ from dataclasses import dataclass
 from scratchlm.config import TrainConfig
 
 
-def accumulation_steps(train: TrainConfig, context: int, world: int = 1) -> int:
-    """Micro-batches per optimizer step: as many as fit in `train.batch_tokens` (at least one)."""
-    if not train.batch_tokens:
-        return 1
-    return max(1, train.batch_tokens // (train.micro_batch * world * context))
-
-
-def rows_per_step(train: TrainConfig, context: int, world: int = 1) -> int:
-    """Rows (sequences) one optimizer step learns from, all processes together."""
-    return train.micro_batch * world * accumulation_steps(train, context, world)
-
-
-def full_batch_tokens(train: TrainConfig, context: int, world: int = 1) -> int:
-    """Tokens per optimizer step once the schedules are done, all processes together."""
-    return rows_per_step(train, context, world) * context
-
-
 @dataclass(frozen=True)
 class StepShape:
     """What one optimizer step draws on each process: `micro_batches` batches of `rows` rows of `window` tokens."""
@@ -63,7 +47,7 @@ class StepShape:
 
 
 def scheduled(train: TrainConfig) -> bool:
-    """Whether either schedule is on; when neither is, every step is `accumulation_steps` full micro-batches."""
+    """Whether either schedule is on; when neither is, every step is `train.accumulation_steps` full micro-batches."""
     return bool(train.seq_len_start or train.batch_start_tokens)
 
 
@@ -90,7 +74,7 @@ def window_at(train: TrainConfig, context: int, progress: float) -> int:
 def batch_tokens_at(train: TrainConfig, context: int, world: int, progress: float) -> float:
     """Tokens per step the batch-size warmup asks for at `progress`, all processes together (before
     rounding to whole rows): the full batch when it is off or done."""
-    full = full_batch_tokens(train, context, world)
+    full = train.full_batch_tokens(context, world)
     if not train.batch_start_tokens:
         return full
     return train.batch_start_tokens + (full - train.batch_start_tokens) * _ramp(progress, train.batch_warmup)
@@ -98,10 +82,10 @@ def batch_tokens_at(train: TrainConfig, context: int, world: int, progress: floa
 
 def step_shape(train: TrainConfig, context: int, world: int, progress: float) -> StepShape:
     """The step at `progress` of the run, on each process: with both schedules off, or once they are
-    done, `accumulation_steps` micro-batches of `micro_batch` rows of `context` tokens."""
+    done, `train.accumulation_steps` micro-batches of `micro_batch` rows of `context` tokens."""
     window = window_at(train, context, progress)
     per_micro = train.micro_batch * (context // window)   # rows of a micro-batch: a full one's tokens
-    most = accumulation_steps(train, context, world) * per_micro
+    most = train.accumulation_steps(context, world) * per_micro
     rows = min(most, max(1, int(batch_tokens_at(train, context, world, progress) // (world * window))))
     micro_batches = -(-rows // per_micro)
     return StepShape(micro_batches, rows // micro_batches, window)

@@ -31,7 +31,7 @@ from scratchlm.runtime import autocast_for, compute_dtype, eval_mode, pick_devic
 from scratchlm.tokenizer import Tokenizer
 from scratchlm.train import checkpoint as ckpt
 from scratchlm.train import distributed as dist
-from scratchlm.train.accumulation import StepShape, accumulation_steps, scheduled, step_shape
+from scratchlm.train.accumulation import StepShape, scheduled, step_shape
 from scratchlm.train.budget import UNSIZED, Budget
 from scratchlm.train.mfu import Throughput, peak_flops
 from scratchlm.train.optim import build_optimizer, lr_at, set_lr
@@ -257,7 +257,7 @@ def _stepper(cfg: RunConfig, model: Transformer, device: torch.device, d: dist.D
         def loss_of(x, y):  # the model's own loss, fused with its output head
             return forward(x, targets=y)
 
-    return Stepper(model, wrapped, loss_of, optimizer, accumulation_steps(tc, cfg.model.context, d.world),
+    return Stepper(model, wrapped, loss_of, optimizer, tc.accumulation_steps(cfg.model.context, d.world),
                    tc.grad_clip, clip_grad_norm, autocast_for(device, tc.precision),
                    torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None)
 
